@@ -1,0 +1,144 @@
+"""GradualUnfreeze: start with the head, unfreeze layer groups from the top down (ULMFiT)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from typing_extensions import override
+
+from lt_finetune.callbacks._finetune import _LayerGroupCallback
+from lt_finetune.groups import match_groups
+
+__all__ = ["GradualUnfreeze"]
+
+
+class GradualUnfreeze(_LayerGroupCallback):
+    """Train the head first, then unfreeze the backbone's layer groups from the output side down.
+
+    Stage ``s`` (``s = epoch // every_n_epochs`` or ``global_step // every_n_steps``) has the top
+    ``s * groups_per_stage`` backbone groups trainable. Or follow an explicit ``schedule``
+    ``{epoch: [group names or regexes]}``, e.g. in YAML::
+
+        schedule:
+          1: ["layer4.*"]
+          3: ["layer3.*", "layer2.*"]
+
+    Groups a schedule never names stay frozen. The optimizer keeps one param group per layer group from the
+    first step (frozen ones at learning rate 0), so schedulers never see groups appear; see
+    ``lt_finetune.optim``. Frozen BatchNorm layers stay in eval mode (``FreezeBackbone``'s default policy).
+
+    Args:
+        backbone: Attribute path of the pretrained part on the LightningModule.
+        every_n_epochs: Unfreeze the next groups every this many epochs.
+        every_n_steps: Unfreeze the next groups every this many optimizer steps (instead of epochs).
+        groups_per_stage: How many groups each stage unfreezes.
+        schedule: Explicit epochs at which named groups are unfrozen; replaces ``every_n_*``.
+        warmup_steps: Ramp a newly unfrozen group's learning rate linearly over this many steps (``1/W, 2/W,
+            ..., 1`` times its value); ``0`` switches it on at full rate.
+
+    Example::
+
+        >>> from lt_finetune.callbacks import GradualUnfreeze
+        >>> GradualUnfreeze(every_n_epochs=1, groups_per_stage=2)
+        GradualUnfreeze(backbone='backbone', every_n_epochs=1, every_n_steps=None, groups_per_stage=2, schedule=None, warmup_steps=0)
+    """
+
+    def __init__(
+        self,
+        backbone: str = "backbone",
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        groups_per_stage: int = 1,
+        schedule: Mapping[int, Sequence[str]] | None = None,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(backbone)
+        if schedule is None and (every_n_epochs is None) == (every_n_steps is None):
+            raise ValueError(
+                "Expected exactly one of `every_n_epochs` and `every_n_steps` (or a `schedule`), got "
+                f"every_n_epochs={every_n_epochs!r}, every_n_steps={every_n_steps!r}."
+            )
+        if schedule is not None and (every_n_epochs is not None or every_n_steps is not None):
+            raise ValueError("Expected either `schedule` or `every_n_epochs`/`every_n_steps`, got both.")
+        for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Expected `{arg}` to be a positive integer, got {value!r}.")
+        if not isinstance(groups_per_stage, int) or groups_per_stage < 1:
+            raise ValueError(f"Expected `groups_per_stage` to be a positive integer, got {groups_per_stage!r}.")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Expected `warmup_steps` to be a non-negative integer, got {warmup_steps!r}.")
+        parsed: dict[int, list[str]] | None = None
+        if schedule is not None:
+            parsed = {}
+            for key, names in dict(schedule).items():
+                try:
+                    epoch = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"Expected `schedule` keys to be epochs (integers), got {key!r}.") from None
+                if epoch < 0:
+                    raise ValueError(f"Expected `schedule` epochs to be non-negative, got {epoch}.")
+                if isinstance(names, str) or not names:
+                    raise ValueError(
+                        f"Expected `schedule[{epoch}]` to be a non-empty list of group names or patterns, got {names!r}."
+                    )
+                parsed[epoch] = list(names)
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.groups_per_stage = groups_per_stage
+        self.schedule = parsed
+        self.warmup_steps = warmup_steps
+        self._scheduled: dict[int, list[str]] = {}
+        self.unfrozen_at: dict[str, int] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(backbone=self.backbone)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(backbone={self.backbone!r}, every_n_epochs={self.every_n_epochs!r}, "
+            f"every_n_steps={self.every_n_steps!r}, groups_per_stage={self.groups_per_stage!r}, "
+            f"schedule={self.schedule!r}, warmup_steps={self.warmup_steps!r})"
+        )
+
+    @override
+    def validate(self, names: Sequence[str]) -> None:
+        if self.schedule is not None:
+            self._scheduled = {
+                epoch: match_groups(patterns, names, argument="schedule", owner=type(self).__name__)
+                for epoch, patterns in self.schedule.items()
+            }
+
+    @override
+    def reset(self) -> None:
+        self.unfrozen_at = {}
+
+    @override
+    def frozen_groups(self, names: Sequence[str], epoch: int, step: int) -> set[str]:
+        if self.schedule is not None:
+            thawed = {n for e, group in self._scheduled.items() if e <= epoch for n in group}
+            return {n for n in names if n not in thawed}
+        stage = epoch // self.every_n_epochs if self.every_n_epochs else step // (self.every_n_steps or 1)
+        keep_frozen = max(len(names) - stage * self.groups_per_stage, 0)
+        return set(names[:keep_frozen])
+
+    @override
+    def lr_factor(self, layer: str, names: Sequence[str], epoch: int, step: int) -> float:
+        if self.warmup_steps == 0 or layer not in self.unfrozen_at:
+            return 1.0
+        return min(1.0, (step - self.unfrozen_at[layer] + 1) / self.warmup_steps)
+
+    @override
+    def on_unfrozen(self, layers: Sequence[str], epoch: int, step: int) -> None:
+        for layer in layers:
+            self.unfrozen_at.setdefault(layer, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen_at": dict(self.unfrozen_at)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen_at = dict(state_dict.get("unfrozen_at", {}))

@@ -1,0 +1,269 @@
+"""TransferModule: a pretrained backbone, a task head, metrics and optimizer wiring, as one LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import Accuracy, F1Score
+from typing_extensions import override
+
+from lt_finetune.backbones import backbone_data_config, create_backbone
+from lt_finetune.groups import LayerGroup, layer_groups
+from lt_finetune.optim import build_param_groups
+
+Task = Literal["multiclass", "multilabel", "binary"]
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+__all__ = ["TransferModule", "WarmupCosine"]
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio``; for ``LambdaLR``.
+
+    A callable object rather than a closure, so that ``LambdaLR`` saves it in checkpoints and it pickles.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.total_steps = max(int(total_steps), 1)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TransferModule(pl.LightningModule):
+    """Fine-tune a pretrained backbone with a new head for classification.
+
+    **Optimizer contract** (public interface the callbacks rely on): ``configure_optimizers`` returns one
+    optimizer whose param groups are named after the layer groups of ``self.backbone`` (see
+    :func:`lt_finetune.groups.layer_groups`) plus ``"head"``, in input-to-output order, each with its own
+    ``lr``; norm and bias parameters sit in ``"<group>/no_decay"`` companions with ``weight_decay=0``. Every
+    group is present from the first step, frozen or not. Each group has the keys ``name`` and ``layer_group``.
+
+    **Feature hooks**: :meth:`forward_features` (images to pooled features) and :meth:`forward_head`
+    (features to logits); ``forward`` is their composition. Feature-level methods (domain adaptation,
+    feature caching) build on these.
+
+    Args:
+        backbone: A timm model name, ``"torchvision/<name>"``, or an ``nn.Module`` (see
+            :func:`lt_finetune.backbones.create_backbone`). A module is not saved in the hyper-parameters: pass
+            it again to ``load_from_checkpoint``.
+        num_classes: Number of classes (labels for ``"multilabel"``; 1 or 2 for ``"binary"``).
+        pretrained: ``False``, ``True`` (the library's download/cache path) or a local weights file.
+        task: ``"multiclass"`` (cross-entropy), ``"multilabel"`` or ``"binary"`` (binary cross-entropy).
+        drop_rate: Dropout before the classifier.
+        label_smoothing: Label smoothing for ``"multiclass"``.
+        lr: Peak learning rate of the default optimizer.
+        weight_decay: Weight decay of the default optimizer (never applied to norms and biases).
+        optimizer: Optimizer factory taking the param groups (LightningCLI: ``--model.optimizer SGD``);
+            ``None`` gives AdamW with ``lr`` and ``weight_decay``.
+        scheduler: Scheduler factory taking the optimizer, stepped every step; ``None`` gives ``schedule``.
+        schedule: Default schedule: ``"cosine"`` (linear warm-up over ``warmup_fraction`` of the steps, then
+            cosine to 0, per step) or ``"constant"``.
+        warmup_fraction: Fraction of the total steps used for warm-up by the default schedule.
+        input_size: Input size ``(C, H, W)`` used to find the feature size of a plain module backbone.
+
+    Example::
+
+        >>> model = TransferModule("resnet18", num_classes=5)
+        >>> model(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        num_classes: int = 10,
+        pretrained: bool | str = False,
+        task: Task = "multiclass",
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_fraction: float = 0.05,
+        input_size: tuple[int, int, int] = (3, 224, 224),
+    ) -> None:
+        super().__init__()
+        if task not in ("multiclass", "multilabel", "binary"):
+            raise ValueError(f"Expected `task` to be one of ['multiclass', 'multilabel', 'binary'], got {task!r}.")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"Expected `num_classes` to be a positive integer, got {num_classes!r}.")
+        if task == "binary" and num_classes > 2:
+            raise ValueError(f"Expected `num_classes` to be 1 or 2 for task='binary', got {num_classes}.")
+        if task == "multiclass" and num_classes < 2:
+            raise ValueError(f"Expected `num_classes` >= 2 for task='multiclass', got {num_classes}.")
+        for arg, value, low, high in (
+            ("drop_rate", drop_rate, 0.0, 1.0),
+            ("label_smoothing", label_smoothing, 0.0, 1.0),
+            ("warmup_fraction", warmup_fraction, 0.0, 1.0),
+        ):
+            if not low <= value < high:
+                raise ValueError(f"Expected `{arg}` to be in [{low}, {high}), got {value!r}.")
+        if lr <= 0:
+            raise ValueError(f"Expected `lr` to be positive, got {lr!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"Expected `weight_decay` to be non-negative, got {weight_decay!r}.")
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"Expected `schedule` to be 'cosine' or 'constant', got {schedule!r}.")
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.backbone, self.num_features = create_backbone(backbone, pretrained, input_size=tuple(input_size))
+        outputs = 1 if task == "binary" else num_classes
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, outputs))
+        self.task = task
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        metrics = _metrics(task, num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # -- model -----------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` to pooled features ``[B, num_features]``."""
+        features = self.backbone(x)
+        if features.ndim == 4:
+            features = features.mean(dim=(2, 3))
+        return features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features to logits."""
+        return self.head(features)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """The backbone's layer groups, input side first (the head is the group ``"head"``)."""
+        return layer_groups(self.backbone)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Input size, mean, std, interpolation and crop fraction the backbone's weights expect."""
+        return backbone_data_config(self.backbone)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task == "multiclass":
+            if target.is_floating_point() and target.ndim == 2:  # soft targets from Mixup/CutMix
+                return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
+        if self.task == "binary":
+            logits = logits.squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+
+    def _metric_inputs(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "multiclass" and target.is_floating_point() and target.ndim == 2:
+            target = target.argmax(dim=-1)
+        if self.task == "binary":
+            logits = logits.squeeze(-1)
+        return logits, target.long() if self.task != "multiclass" else target
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, target = batch[0], batch[1]
+        logits = self(x)
+        loss = self._loss(logits, target)
+        metrics.update(*self._metric_inputs(logits.detach(), target))
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(x))
+        return loss
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities (softmax for multiclass, sigmoid otherwise)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        logits = self(x)
+        return logits.softmax(dim=-1) if self.task == "multiclass" else logits.sigmoid()
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Param groups following the optimizer contract (without ``lr``: the optimizer's default applies)."""
+        head = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        weight_decay = self.hparams["weight_decay"] if self.optimizer_factory is None else None
+        return build_param_groups(self.layer_groups(), head, weight_decay)
+
+    def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer and its per-step scheduler (``None`` for a constant rate), for ``total_steps`` steps."""
+        groups = self.param_groups()
+        if self.optimizer_factory is None:
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+            )
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is not None:
+            return optimizer, self.scheduler_factory(optimizer)
+        if self.hparams["schedule"] == "constant":
+            return optimizer, None
+        warmup = round(self.hparams["warmup_fraction"] * total_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total_steps))
+
+    @override
+    def configure_optimizers(self) -> Any:
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        if not 0 < total < 2**40:
+            total = 1  # an infinite run (max_steps=-1 and no max_epochs): the schedule then stays at its start
+        optimizer, scheduler = self.build_optimizer(total)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @_restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Load a checkpoint offline: the weights come from the checkpoint, so pretrained ones are not loaded.
+
+        Pass ``pretrained=...`` explicitly to override; pass ``backbone=`` when it was an ``nn.Module``.
+        """
+        kwargs.setdefault("pretrained", False)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+def _metrics(task: Task, num_classes: int) -> MetricCollection:
+    if task == "multiclass":
+        metrics: dict[str, Any] = {
+            "acc": Accuracy(task="multiclass", num_classes=num_classes),
+            "f1": F1Score(task="multiclass", num_classes=num_classes, average="macro"),
+        }
+        if num_classes >= 5:
+            metrics["top5"] = Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
+        return MetricCollection(metrics)
+    if task == "multilabel":
+        return MetricCollection(
+            {
+                "acc": Accuracy(task="multilabel", num_labels=num_classes),
+                "f1": F1Score(task="multilabel", num_labels=num_classes, average="macro"),
+            }
+        )
+    return MetricCollection({"acc": Accuracy(task="binary"), "f1": F1Score(task="binary")})
