@@ -72,8 +72,8 @@ class LayerwiseLR(_LayerGroupCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Factors follow from the arguments and the model; the saved ones are informative only.
-        return None
+        # Factors follow from the arguments and the model (``setup`` recomputes them); restored for inspection.
+        self.factors = dict(state_dict.get("factors", {}))
 
 
 def layerwise_factors(
