@@ -97,7 +97,7 @@ class _Coordinator:
 
     def lr_factor(self, layer: str) -> float:
         """The factor applied to a group's nominal learning rate at the current progress."""
-        if layer in self.frozen:
+        if self.frozen.get(layer, "train") != "train":  # with bn_mode="train" the group's BatchNorm still trains
             return 0.0
         epoch, step = self._live_progress()
         factor = 1.0

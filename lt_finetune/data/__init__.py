@@ -1,0 +1,10 @@
+"""Datamodules yielding ``(images float32 [B, 3, H, W], targets int64 [B])`` batches.
+
+:class:`ImageFolderDataModule` reads class-per-folder image files with timm's transforms;
+:class:`AnimalMNISTDataModule` serves the small offline Animal-MNIST set for demos and tests.
+"""
+
+from lt_finetune.data.animal_mnist import ANIMAL_MNIST_CLASSES, AnimalMNISTDataModule, load_animal_mnist
+from lt_finetune.data.image_folder import ImageFolderDataModule
+
+__all__ = ["ANIMAL_MNIST_CLASSES", "AnimalMNISTDataModule", "ImageFolderDataModule", "load_animal_mnist"]

@@ -1,0 +1,291 @@
+"""Shared pieces of the image datamodules: argument checks, stratified splits, loaders and the Mixup hook.
+
+The split helpers are pure functions of class labels and a seed, so they are tested without a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``, else raise.
+
+    Raises:
+        TypeError: If ``value`` is not an int.
+        ValueError: If ``value`` is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, got {value!r} of type {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value}.")
+    return value
+
+
+def check_float(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    """Return ``value`` as a float if it lies in ``[low, high]`` (``(low, high]`` when ``low_open``), else raise.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If ``value`` lies outside the interval.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a float, got {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high or math.isnan(value):
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise ValueError(f"Expected `{name}` to be in {interval}, got {value}.")
+    return value
+
+
+def resolve_mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return per-channel ``(mean, std)`` for RGB images, ImageNet's where ``None``.
+
+    Raises:
+        TypeError: If ``mean`` or ``std`` is not a sequence of numbers.
+        ValueError: If either does not have 3 values or ``std`` has a value <= 0.
+    """
+    resolved: list[tuple[float, ...]] = []
+    for name, value, default in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
+        if value is None:
+            resolved.append(default)
+            continue
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"Expected `{name}` to be a sequence of 3 floats or None, got {value!r}.")
+        if len(value) != 3:
+            raise ValueError(f"Expected `{name}` to have 3 values (one per RGB channel), got {list(value)}.")
+        items = tuple(check_float(f"{name}[{i}]", v, -math.inf) for i, v in enumerate(value))
+        if name == "std" and min(items) <= 0:
+            raise ValueError(f"Expected every value of `std` to be > 0, got {list(items)}.")
+        resolved.append(items)
+    return resolved[0], resolved[1]
+
+
+def _class_permutations(targets: Tensor, num_classes: int, seed: int) -> list[Tensor]:
+    """Indices of each class in ascending source order, shuffled by one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = []
+    for c in range(num_classes):
+        members = torch.nonzero(targets == c, as_tuple=True)[0]
+        perms.append(members[torch.randperm(len(members), generator=generator)])
+    return perms
+
+
+def stratified_split(targets: Tensor, num_classes: int, per_class: Sequence[int | None], seed: int) -> list[Tensor]:
+    """Split the indices of ``targets`` into consecutive chunks of ``per_class[i]`` items of every class.
+
+    Each class is shuffled with a generator seeded by ``seed``; chunk ``i`` takes the next ``per_class[i]``
+    items of every class (``None``: all that are left). The result depends only on ``targets`` and ``seed``.
+
+    Args:
+        targets: Class index of every item, shape ``[N]``.
+        num_classes: Number of classes; classes are ``0 .. num_classes - 1``.
+        per_class: Items per class of each chunk; only the last may be ``None``.
+        seed: Seed of the shuffle.
+
+    Returns:
+        One sorted int64 tensor of indices into ``targets`` per chunk.
+
+    Raises:
+        ValueError: If a class has fewer items than the chunks ask for.
+
+    Example::
+
+        >>> targets = torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> [len(chunk) for chunk in stratified_split(targets, 2, [1, None], seed=0)]
+        [2, 4]
+    """
+    requested = sum(n for n in per_class if n is not None)
+    chunks: list[list[Tensor]] = [[] for _ in per_class]
+    for c, perm in enumerate(_class_permutations(targets, num_classes, seed)):
+        if len(perm) < requested:
+            raise ValueError(f"Class {c} has {len(perm)} items but the split asks for {requested} per class.")
+        start = 0
+        for i, n in enumerate(per_class):
+            stop = len(perm) if n is None else start + n
+            chunks[i].append(perm[start:stop])
+            start = stop
+    return [torch.sort(torch.cat(parts)).values if parts else torch.empty(0, dtype=torch.long) for parts in chunks]
+
+
+def stratified_fraction_split(targets: Tensor, num_classes: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices into ``(rest, held_out)`` with ``fraction`` of every class held out.
+
+    Each class holds out ``round(n * fraction)`` items, at least 1 and at most ``n - 1`` when it has 2 items or
+    more, so both sides see every class that can be split; a class with a single item stays in ``rest``.
+
+    Example::
+
+        >>> rest, held_out = stratified_fraction_split(torch.tensor([0] * 10 + [1] * 5), 2, 0.2, seed=0)
+        >>> len(rest), len(held_out)
+        (12, 3)
+    """
+    rest, held_out = [], []
+    for perm in _class_permutations(targets, num_classes, seed):
+        n = len(perm)
+        k = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+        held_out.append(perm[:k])
+        rest.append(perm[k:])
+    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held_out)).values
+
+
+def mix_batch(mixup: Mixup, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply timm's batch-mode ``mixup`` to ``images`` and return soft targets ``[B, num_classes]``.
+
+    timm's :class:`~timm.data.Mixup` needs an even batch; with an odd batch (the last one of an epoch, as train
+    loaders keep it) the last image is left unmixed and gets the label-smoothed one-hot target.
+    """
+    even = images.shape[0] - images.shape[0] % 2
+    head_images, head_targets = mixup(images[:even], targets[:even]) if even else (images[:0], None)
+    tail_targets = mixup_target(targets[even:], mixup.num_classes, lam=1.0, smoothing=mixup.label_smoothing)
+    if head_targets is None:
+        return images, tail_targets
+    return torch.cat((head_images, images[even:])), torch.cat((head_targets, tail_targets))
+
+
+class ImageDataModuleBase(LightningDataModule):
+    """Loaders, normalisation settings and the Mixup/CutMix hook shared by the image datamodules.
+
+    Subclasses check their data in :meth:`setup`, fill ``train_dataset``, ``val_dataset`` and ``test_dataset``
+    (``None`` when absent), and define :attr:`classes`.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        hflip: bool,
+        mixup_alpha: float,
+        cutmix_alpha: float,
+        label_smoothing: float,
+    ) -> None:
+        super().__init__()
+        self.image_size = check_int("image_size", image_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Expected `seed` to be an int, got {seed!r} of type {type(seed).__name__}.")
+        self.seed = seed
+        self.mean, self.std = resolve_mean_std(mean, std)
+        if not isinstance(hflip, bool):
+            raise TypeError(f"Expected `hflip` to be a bool, got {hflip!r} of type {type(hflip).__name__}.")
+        self.hflip = hflip
+        self.mixup_alpha = check_float("mixup_alpha", mixup_alpha, 0.0)
+        self.cutmix_alpha = check_float("cutmix_alpha", cutmix_alpha, 0.0)
+        self.label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+        if self.label_smoothing > 0 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError(
+                f"Expected `label_smoothing` to be 0 when `mixup_alpha` and `cutmix_alpha` are both 0, "
+                f"got {self.label_smoothing}: it only shapes the Mixup/CutMix targets. Set `mixup_alpha` or "
+                "`cutmix_alpha` > 0, or use the loss' label smoothing instead."
+            )
+        self.train_dataset: Dataset[Any] | None = None
+        self.val_dataset: Dataset[Any] | None = None
+        self.test_dataset: Dataset[Any] | None = None
+        self._mixup: Mixup | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; index ``i`` names target ``i``."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``len(classes)``."""
+        return len(self.classes)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Input settings in timm's data-config form: ``input_size`` ``(3, H, W)``, ``mean``, ``std``."""
+        return {"input_size": (3, self.image_size, self.image_size), "mean": self.mean, "std": self.std}
+
+    @property
+    def mixup_enabled(self) -> bool:
+        """Whether training batches get Mixup/CutMix (and soft targets)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    #: How to add a split that a configuration can leave out, for the error when its loader is asked for.
+    _missing_split_hints: dict[str, str] = {}
+
+    def _require(self, dataset: Dataset[Any] | None, split: str) -> Dataset[Any]:
+        if dataset is not None:
+            return dataset
+        name = type(self).__name__
+        if self.train_dataset is None:
+            raise RuntimeError(f"{name} has no {split} dataset yet; call `setup()` first (a Trainer does this).")
+        hint = self._missing_split_hints.get(split, "")
+        raise RuntimeError(f"{name} has no {split} split{'; ' + hint if hint else ''}.")
+
+    def _loader(self, dataset: Dataset[Any], *, train: bool) -> DataLoader[Any]:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        """Shuffled training loader; the order is seeded by ``seed`` and the last partial batch is kept."""
+        return self._loader(self._require(self.train_dataset, "train"), train=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        """Validation loader, in a fixed order."""
+        return self._loader(self._require(self.val_dataset, "validation"), train=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        """Test loader, in a fixed order."""
+        return self._loader(self._require(self.test_dataset, "test"), train=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """The test split's loader, or the validation split's where there is no test split."""
+        dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
+        return self._loader(self._require(dataset, "test or validation"), train=False)
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Mix training batches on the device when ``mixup_alpha`` or ``cutmix_alpha`` is > 0.
+
+        Targets then become soft float ``[B, num_classes]`` (label-smoothed by ``label_smoothing``); the model's
+        loss must accept them. Validation, test and predict batches keep their int64 class indices.
+        """
+        trainer = self.trainer
+        if not self.mixup_enabled or trainer is None or not trainer.training:
+            return batch
+        if self._mixup is None:
+            self._mixup = Mixup(
+                mixup_alpha=self.mixup_alpha,
+                cutmix_alpha=self.cutmix_alpha,
+                label_smoothing=self.label_smoothing,
+                num_classes=self.num_classes,
+            )
+        images, targets = batch
+        return mix_batch(self._mixup, images, targets)
