@@ -85,6 +85,18 @@ class _Coordinator:
         self._synced_step = -1
         self._trainer: weakref.ReferenceType[pl.Trainer] | None = None
 
+    def register(self, callback: _LayerGroupCallback) -> None:
+        """Validate ``callback`` against the layer groups and add its policy."""
+        if callback.backbone != self.backbone_path:
+            raise ValueError(
+                f"{type(callback).__name__}(backbone={callback.backbone!r}) disagrees with another lt_finetune "
+                f"callback (backbone={self.backbone_path!r}). Give every callback the same backbone."
+            )
+        callback.validate(self.names)
+        callback.reset()
+        if callback not in self.callbacks:
+            self.callbacks.append(callback)
+
     # -- policy ------------------------------------------------------------------------------------------------
 
     def desired(self, epoch: int, step: int) -> dict[str, str]:
@@ -157,27 +169,29 @@ class _Coordinator:
     # -- fit-time wiring -------------------------------------------------------------------------------------
 
     def attach(self, trainer: pl.Trainer) -> None:
-        """Bring the optimizer under the named-group contract and hook the schedulers; once per fit."""
+        """Bring the trainer's optimizer under the named-group contract and hook the schedulers; once per fit."""
         if self.optimizer is not None:
             return
         self._trainer = weakref.ref(trainer)
-        owners = sorted({type(c).__name__ for c in self.callbacks})
         if len(trainer.optimizers) != 1:
+            owners = sorted({type(c).__name__ for c in self.callbacks})
             raise ValueError(
                 f"{', '.join(owners)} support exactly one optimizer, got {len(trainer.optimizers)} from "
                 "configure_optimizers. Return one optimizer (put every parameter in it, in any number of param groups)."
             )
-        optimizer = trainer.optimizers[0]
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self.attach_optimizer(trainer.optimizers[0], [config.scheduler for config in trainer.lr_scheduler_configs])
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            # DDP registered exactly the parameters that required grad when it wrapped the model (just now).
+            self.ddp_managed = {id(p) for p in trainer.strategy.model.parameters() if p.requires_grad}
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> None:
+        """Split ``optimizer`` into named layer groups, add missing parameters, make schedulers step nominally."""
         changes = split_param_groups(optimizer, self.assignment, self.order, schedulers)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = {name: [p for p in params if id(p) not in held] for name, params in self.params.items()}
         changes += add_param_groups(optimizer, missing, self.order, schedulers)
         attach_lr_scaling(optimizer, self.lr_factor, schedulers)
         self.optimizer, self.schedulers = optimizer, schedulers
-        if isinstance(trainer.strategy.model, DistributedDataParallel):
-            # DDP registered exactly the parameters that required grad when it wrapped the model (just now).
-            self.ddp_managed = {id(p) for p in trainer.strategy.model.parameters() if p.requires_grad}
         if changes:
             rank_zero_info(f"lt_finetune: {type(optimizer).__name__}: " + "; ".join(changes) + ".")
 
@@ -224,7 +238,10 @@ class _LayerGroupCallback(pl.Callback):
 
     def __init__(self, backbone: str) -> None:
         if not isinstance(backbone, str) or not backbone:
-            raise TypeError(f"Expected `backbone` to be a non-empty attribute path string, got {backbone!r}.")
+            raise TypeError(
+                f"Expected `backbone` to be a non-empty attribute path string, got {backbone!r}. It is the first "
+                "argument: pass the other settings by keyword, e.g. LayerwiseLR(decay=0.5)."
+            )
         self.backbone = backbone
 
     # -- policy (pure) -----------------------------------------------------------------------------------------
@@ -262,15 +279,7 @@ class _LayerGroupCallback(pl.Callback):
         if coordinator is None or coordinator.optimizer is not None:  # a new fit starts from a fresh coordinator
             coordinator = _Coordinator(pl_module, self.backbone, type(self).__name__)
             _COORDINATORS[pl_module] = coordinator
-        elif coordinator.backbone_path != self.backbone:
-            raise ValueError(
-                f"{type(self).__name__}(backbone={self.backbone!r}) disagrees with another lt_finetune callback "
-                f"(backbone={coordinator.backbone_path!r}). Give every callback the same backbone."
-            )
-        self.validate(coordinator.names)
-        self.reset()
-        if self not in coordinator.callbacks:
-            coordinator.callbacks.append(self)
+        coordinator.register(self)
         # Freeze before the strategy wraps the model, so that DDP never expects gradients for frozen parameters.
         coordinator.apply(0, 0, training=False)
 
