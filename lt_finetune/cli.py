@@ -91,7 +91,8 @@ def _preview(args: Sequence[str]) -> int:
     trainer, model = cli.trainer, cli.model
     steps = ns.steps_per_epoch or _steps_per_epoch(trainer, cli.datamodule)
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-    plan = preview_schedule(model, trainer.callbacks, max_epochs=epochs, steps_per_epoch=steps)
+    callbacks = list(getattr(trainer, "callbacks", []))
+    plan = preview_schedule(model, callbacks, max_epochs=epochs, steps_per_epoch=steps)
     print(plan.table())
     plan.plot(ns.output)
     print(f"Plot written to {ns.output}")

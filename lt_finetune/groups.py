@@ -98,7 +98,9 @@ def format_groups(groups: Sequence[LayerGroup], max_modules: int = 3) -> str:
     """A table of the groups: index, name, parameter count and module paths."""
     rows = [("#", "group", "params", "modules")]
     for i, g in enumerate(groups):
-        mods = ", ".join(g.modules[:max_modules]) + (f", ... (+{len(g.modules) - max_modules})" if len(g.modules) > max_modules else "")
+        mods = ", ".join(g.modules[:max_modules]) + (
+            f", ... (+{len(g.modules) - max_modules})" if len(g.modules) > max_modules else ""
+        )
         rows.append((str(i), g.name, _human(g.num_params), mods))
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
@@ -191,7 +193,9 @@ def _fallback_groups(model: nn.Module) -> list[tuple[str | None, list[str]]]:
 
 
 def _items(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module | None]]:
-    direct: list[tuple[str, nn.Module | None]] = [(_join(prefix, n), None) for n, _ in module.named_parameters(recurse=False)]
+    direct: list[tuple[str, nn.Module | None]] = [
+        (_join(prefix, n), None) for n, _ in module.named_parameters(recurse=False)
+    ]
     children: list[tuple[str, nn.Module | None]] = [
         (_join(prefix, n), c) for n, c in module.named_children() if _num_params(c) > 0
     ]

@@ -123,7 +123,9 @@ class TransferModule(pl.LightningModule):
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"Expected `schedule` to be 'cosine' or 'constant', got {schedule!r}.")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self.backbone, self.num_features = create_backbone(backbone, pretrained, input_size=tuple(input_size))
+        self.backbone, self.num_features = create_backbone(
+            backbone, pretrained, input_size=(input_size[0], input_size[1], input_size[2])
+        )
         outputs = 1 if task == "binary" else num_classes
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, outputs))
         self.task = task
@@ -241,7 +243,7 @@ class TransferModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @_restricted_classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint offline: the weights come from the checkpoint, so pretrained ones are not loaded.
 
         Pass ``pretrained=...`` explicitly to override; pass ``backbone=`` when it was an ``nn.Module``.

@@ -35,9 +35,9 @@ NO_DECAY_SUFFIX = "/no_decay"
 __all__ = [
     "LAYER_GROUP",
     "NOMINAL_LR",
+    "add_param_groups",
     "apply_lr_factors",
     "attach_lr_scaling",
-    "add_param_groups",
     "build_param_groups",
     "detach_lr_scaling",
     "is_no_decay",
@@ -114,7 +114,11 @@ def split_param_groups(
         suffix = "" if len(old_groups) == 1 else "/" + str(group.get("name", index))
         for layer, params in parts:
             new = {k: v for k, v in group.items() if k != "params"}
-            new.update(params=params, name=layer + suffix if len(parts) > 1 else group.get("name", layer), **{LAYER_GROUP: layer})
+            new.update(
+                params=params,
+                name=layer + suffix if len(parts) > 1 else group.get("name", layer),
+                **{LAYER_GROUP: layer},
+            )
             new_groups.append(new)
             sources.append(index)
         if len(parts) > 1:
@@ -127,7 +131,10 @@ def split_param_groups(
 
 
 def add_param_groups(
-    optimizer: Optimizer, params: Mapping[str, Sequence[nn.Parameter]], order: Sequence[str], schedulers: Iterable[Any] = ()
+    optimizer: Optimizer,
+    params: Mapping[str, Sequence[nn.Parameter]],
+    order: Sequence[str],
+    schedulers: Iterable[Any] = (),
 ) -> list[str]:
     """Add groups for parameters the optimizer does not hold, copying the head group's hyper-parameters."""
     if not params:

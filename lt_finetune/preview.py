@@ -61,7 +61,10 @@ class SchedulePlan:
                 cells.append(f"{self.lrs[m][group]:.2e}" if group in self.trainable[m] else "-")
             rows.append(cells)
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
         summary = f"{self.steps} steps ({self.steps_per_epoch} per epoch); '-' = frozen."
         return "\n".join([*lines, summary, *self.notes])
 
@@ -89,7 +92,10 @@ class SchedulePlan:
         grid = torch.tensor([[1.0 if g in self.trainable[s] else 0.0 for s in steps] for g in self.groups])
         bottom.imshow(grid.numpy(), aspect="auto", cmap="Greys_r", vmin=-0.3, vmax=1.0, interpolation="nearest")
         bottom.set_yticks(range(n))
-        bottom.set_yticklabels(self.groups if n <= 24 else [g if i % max(n // 24, 1) == 0 else "" for i, g in enumerate(self.groups)], fontsize=7)
+        bottom.set_yticklabels(
+            self.groups if n <= 24 else [g if i % max(n // 24, 1) == 0 else "" for i, g in enumerate(self.groups)],
+            fontsize=7,
+        )
         bottom.set_xlabel("optimizer step")
         bottom.set_title("Trainable (white) and frozen (shaded) groups")
         for epoch_start in range(self.steps_per_epoch, self.steps, self.steps_per_epoch):
@@ -162,7 +168,9 @@ def preview_schedule(
     return plan
 
 
-def _optimizer_and_schedulers(model: pl.LightningModule, total: int) -> tuple[torch.optim.Optimizer, list[tuple[Any, str]]]:
+def _optimizer_and_schedulers(
+    model: pl.LightningModule, total: int
+) -> tuple[torch.optim.Optimizer, list[tuple[Any, str]]]:
     build = getattr(model, "build_optimizer", None)
     if callable(build):
         optimizer, scheduler = build(total)

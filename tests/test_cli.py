@@ -25,10 +25,8 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_fit_then_test_from_yaml_in_a_subprocess(tmp_path: Path, animal_mnist: None) -> None:
-    fit = _run(
-        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing", "true",
-        cwd=tmp_path,
-    )  # fmt: skip
+    root = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing", "true"]
+    fit = _run("fit", "--config", str(TINY), *root, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     output = fit.stdout + fit.stderr
     assert "unfroze layer3.1, layer4.0, layer4.1" in output
@@ -41,7 +39,9 @@ def test_fit_then_test_from_yaml_in_a_subprocess(tmp_path: Path, animal_mnist: N
 
 
 @pytest.mark.parametrize("name", CALLBACKS)
-def test_every_callback_builds_from_yaml_through_the_cli(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_callback_builds_from_yaml_through_the_cli(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with open(TINY) as f:
         config = yaml.safe_load(f)
     chosen = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("." + name)]
@@ -74,7 +74,11 @@ def test_preview_command(tmp_path: Path, animal_mnist: None, capsys: pytest.Capt
     assert main(["preview", "--config", str(TINY), "--output", str(png)]) == 0
     out = capsys.readouterr().out
     assert "2 per epoch" in out and png.exists()
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("stem", "layer4.1", "layer1.0"))}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.startswith(("stem", "layer4.1", "layer1.0"))
+    }
     assert rows["stem"] == rows["layer1.0"] == ["-", "-", "-"]  # steps 0, 2 (epoch 1) and 3 (last)
     assert rows["layer4.1"][0] == "-" and "-" not in rows["layer4.1"][1:]
 

@@ -90,7 +90,11 @@ def test_names() -> None:
 
 def test_match_groups_and_table() -> None:
     names = ["stem", "blocks.0", "blocks.1", "blocks.10", "norm"]
-    assert match_groups([r"blocks\.1.*", "norm"], names, argument="groups", owner="X") == ["blocks.1", "blocks.10", "norm"]
+    assert match_groups([r"blocks\.1.*", "norm"], names, argument="groups", owner="X") == [
+        "blocks.1",
+        "blocks.10",
+        "norm",
+    ]
     with pytest.raises(ValueError, match=r"X\(groups=\['encoder'\]\) pattern 'encoder' matched no layer group"):
         match_groups(["encoder"], names, argument="groups", owner="X")
     table = format_groups(layer_groups(torchvision.models.resnet18()))

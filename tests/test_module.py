@@ -24,12 +24,16 @@ def _trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
     )
 
 
-def test_short_fit_on_real_data_learns_and_reloads_offline(tmp_path: Path, mobilenet_v2_weights: Path, animal_mnist: None) -> None:
+def test_short_fit_on_real_data_learns_and_reloads_offline(
+    tmp_path: Path, mobilenet_v2_weights: Path, animal_mnist: None
+) -> None:
     pl.seed_everything(0)
     weights = tmp_path / "mobilenet_v2.pth"
     shutil.copyfile(mobilenet_v2_weights, weights)
-    data = AnimalMNISTDataModule(image_size=32, train_per_class=30, val_per_class=10, test_per_class=10, batch_size=32)
-    model = TransferModule("torchvision/mobilenet_v2", num_classes=10, pretrained=str(weights), lr=2e-3)
+    # Batch 50 divides every split: one input shape for training and one for evaluation (each new shape
+    # costs a one-off kernel set-up of several seconds on CPU).
+    data = AnimalMNISTDataModule(image_size=48, train_per_class=30, val_per_class=10, test_per_class=10, batch_size=50)
+    model = TransferModule("torchvision/mobilenet_v2", num_classes=10, pretrained=str(weights), lr=1e-3)
     trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True)
     before = trainer.validate(model, data, verbose=False)[0]
     trainer.fit(model, data)

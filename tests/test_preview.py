@@ -22,7 +22,11 @@ from lt_finetune.preview import preview_schedule
 )
 def test_preview_matches_training(tmp_path: Path, scheduler: Any, interval: str) -> None:
     def callbacks() -> list[Any]:
-        return [FreezeBackbone(groups=["0"], unfreeze_at_step=6), GradualUnfreeze(every_n_steps=2, warmup_steps=3), LayerwiseLR(decay=0.5)]
+        return [
+            FreezeBackbone(groups=["0"], unfreeze_at_step=6),
+            GradualUnfreeze(every_n_steps=2, warmup_steps=3),
+            LayerwiseLR(decay=0.5),
+        ]
 
     model = ForeignModule(scheduler=scheduler, interval=interval)
     plan = preview_schedule(model, callbacks(), max_epochs=3, steps_per_epoch=4)
@@ -33,7 +37,10 @@ def test_preview_matches_training(tmp_path: Path, scheduler: Any, interval: str)
     assert plan.steps == len(recorder.lrs) == 12
     for step in range(12):
         for group in plan.groups:
-            assert plan.lrs[step][group] == pytest.approx(recorder.lrs[step][group], rel=1e-12, abs=1e-15), (step, group)
+            assert plan.lrs[step][group] == pytest.approx(recorder.lrs[step][group], rel=1e-12, abs=1e-15), (
+                step,
+                group,
+            )
         trained = {n.split(".")[1] if n.startswith("backbone.") else "head" for n in recorder.trainable[step]}
         assert plan.trainable[step] == trained
 

@@ -81,10 +81,14 @@ class LRRecorder(pl.Callback):
         self.losses: list[float] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.lrs.append({g.get("layer_group", g.get("name", str(i))): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)})
+        self.lrs.append(
+            {g.get("layer_group", g.get("name", str(i))): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+        )
         self.trainable.append({n for n, p in pl_module.named_parameters() if p.requires_grad})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 

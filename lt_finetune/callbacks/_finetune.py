@@ -295,7 +295,9 @@ class _LayerGroupCallback(pl.Callback):
         self._refresh(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._refresh(trainer, pl_module)
 
     @override

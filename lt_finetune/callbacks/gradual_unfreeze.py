@@ -40,8 +40,9 @@ class GradualUnfreeze(_LayerGroupCallback):
     Example::
 
         >>> from lt_finetune.callbacks import GradualUnfreeze
-        >>> GradualUnfreeze(every_n_epochs=1, groups_per_stage=2)
-        GradualUnfreeze(backbone='backbone', every_n_epochs=1, every_n_steps=None, groups_per_stage=2, schedule=None, warmup_steps=0)
+        >>> callback = GradualUnfreeze(every_n_epochs=1, groups_per_stage=2)
+        >>> callback.frozen_groups(["stem", "layer1", "layer2", "layer3"], epoch=1, step=0)
+        {'stem', 'layer1'}
     """
 
     def __init__(
@@ -80,7 +81,8 @@ class GradualUnfreeze(_LayerGroupCallback):
                     raise ValueError(f"Expected `schedule` epochs to be non-negative, got {epoch}.")
                 if isinstance(names, str) or not names:
                     raise ValueError(
-                        f"Expected `schedule[{epoch}]` to be a non-empty list of group names or patterns, got {names!r}."
+                        f"Expected `schedule[{epoch}]` to be a non-empty list of group names or patterns, "
+                        f"got {names!r}."
                     )
                 parsed[epoch] = list(names)
         self.every_n_epochs = every_n_epochs

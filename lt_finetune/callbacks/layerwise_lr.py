@@ -54,7 +54,9 @@ class LayerwiseLR(_LayerGroupCallback):
         return self._generate_state_key(backbone=self.backbone)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backbone={self.backbone!r}, decay={self.decay!r}, multipliers={self.multipliers!r})"
+        return (
+            f"{type(self).__name__}(backbone={self.backbone!r}, decay={self.decay!r}, multipliers={self.multipliers!r})"
+        )
 
     @override
     def validate(self, names: Sequence[str]) -> None:

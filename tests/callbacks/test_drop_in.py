@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
-from tinymodels import ForeignModule, LRRecorder, flat_params, trainer, tiny_data
+from tinymodels import ForeignModule, LRRecorder, flat_params, tiny_data, trainer
 from torch.optim import lr_scheduler as S
 
 from lt_finetune import TransferModule
@@ -21,10 +21,16 @@ ALL = [FreezeBackbone, GradualUnfreeze, LayerwiseLR]
 
 
 def _make(cls: type) -> pl.Callback:
-    return {FreezeBackbone: lambda: FreezeBackbone(unfreeze_at_epoch=1), GradualUnfreeze: lambda: GradualUnfreeze(every_n_epochs=1), LayerwiseLR: lambda: LayerwiseLR(decay=0.5)}[cls]()
+    return {
+        FreezeBackbone: lambda: FreezeBackbone(unfreeze_at_epoch=1),
+        GradualUnfreeze: lambda: GradualUnfreeze(every_n_epochs=1),
+        LayerwiseLR: lambda: LayerwiseLR(decay=0.5),
+    }[cls]()
 
 
-@pytest.mark.parametrize("scheduler", [None, lambda o: S.StepLR(o, step_size=2, gamma=0.5)], ids=["no_scheduler", "steplr"])
+@pytest.mark.parametrize(
+    "scheduler", [None, lambda o: S.StepLR(o, step_size=2, gamma=0.5)], ids=["no_scheduler", "steplr"]
+)
 @pytest.mark.parametrize("cls", [*ALL, "all"], ids=["FreezeBackbone", "GradualUnfreeze", "LayerwiseLR", "all"])
 def test_single_group_optimizer_is_split_and_keeps_its_hyperparameters(
     tmp_path: Any, cls: Any, scheduler: Any, caplog: pytest.LogCaptureFixture
@@ -40,7 +46,9 @@ def test_single_group_optimizer_is_split_and_keeps_its_hyperparameters(
     assert [g["layer_group"] for g in opt.param_groups] == ["0", "1", "3", "5", "head"]
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    assert [r.getMessage() for r in caplog.records].count("lt_finetune: SGD: split param group 0 into 5 layer groups.") == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        "lt_finetune: SGD: split param group 0 into 5 layer groups."
+    ) == 1
     assert not torch.equal(before, flat_params(model))
 
 

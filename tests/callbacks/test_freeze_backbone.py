@@ -96,7 +96,9 @@ class _GradProbe(pl.Callback):
 
 def _images(n: int = 8) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
+    )
     return torch.utils.data.DataLoader(data, batch_size=4)
 
 
@@ -139,7 +141,9 @@ def test_argument_errors() -> None:
 
 
 def test_fit_time_errors_name_the_problem(tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match=r"pattern 'encoder\.\*' matched no layer group; available: \['0', '1', '3', '5'\]"):
+    with pytest.raises(
+        ValueError, match=r"pattern 'encoder\.\*' matched no layer group; available: \['0', '1', '3', '5'\]"
+    ):
         trainer(tmp_path, [FreezeBackbone(groups=["encoder.*"])]).fit(ForeignModule())
     with pytest.raises(AttributeError, match=r"found no sub-module 'encoder'.*available: \['backbone', 'head'\]"):
         trainer(tmp_path, [FreezeBackbone(backbone="encoder")]).fit(ForeignModule())

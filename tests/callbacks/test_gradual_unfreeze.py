@@ -64,5 +64,7 @@ def test_argument_errors(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_schedule_pattern_matching_nothing_lists_the_groups(tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match=r"GradualUnfreeze\(schedule=\['blocks\.\*'\]\) pattern 'blocks\.\*' matched no"):
+    with pytest.raises(
+        ValueError, match=r"GradualUnfreeze\(schedule=\['blocks\.\*'\]\) pattern 'blocks\.\*' matched no"
+    ):
         trainer(tmp_path, [GradualUnfreeze(schedule={1: ["blocks.*"]})]).fit(ForeignModule())

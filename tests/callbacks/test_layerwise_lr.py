@@ -24,7 +24,9 @@ def test_multipliers_override_matching_groups_first_match_wins() -> None:
 def test_applied_in_training(tmp_path: Any) -> None:
     recorder = LRRecorder()
     trainer(tmp_path, [LayerwiseLR(decay=0.25, multipliers={"1": 0.0}), recorder], max_epochs=1).fit(ForeignModule())
-    assert recorder.lrs[0] == pytest.approx({"0": 0.1 * 0.25**4, "1": 0.0, "3": 0.1 * 0.25**2, "5": 0.1 * 0.25, "head": 0.1})
+    assert recorder.lrs[0] == pytest.approx(
+        {"0": 0.1 * 0.25**4, "1": 0.0, "3": 0.1 * 0.25**2, "5": 0.1 * 0.25, "head": 0.1}
+    )
 
 
 @pytest.mark.parametrize("decay", [0, -0.5, 1.5, True])
@@ -36,5 +38,7 @@ def test_decay_out_of_range(decay: Any) -> None:
 def test_negative_multiplier_and_unknown_pattern(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match=r"`multipliers\['x'\]` to be a non-negative number, got -1"):
         LayerwiseLR(multipliers={"x": -1})
-    with pytest.raises(ValueError, match=r"pattern 'stage9' matched no layer group; available: \['0', '1', '3', '5', 'head'\]"):
+    with pytest.raises(
+        ValueError, match=r"pattern 'stage9' matched no layer group; available: \['0', '1', '3', '5', 'head'\]"
+    ):
         trainer(tmp_path, [LayerwiseLR(multipliers={"stage9": 0.1})]).fit(ForeignModule())

@@ -86,7 +86,9 @@ def test_every_scheduler_through_unfreezing_and_layerwise_scaling(tmp_path: Any,
     # Frozen parameters have no gradient to step with; the trainable set followed the schedule.
     assert recorder.trainable[0] == {"head.weight", "head.bias"}
     last_stage_groups = names[len(names) - (TOTAL - 1) // 3 :]
-    expected_last = {"head.weight", "head.bias"} | {f"backbone.{n}.{k}" for n in last_stage_groups for k in ("weight", "bias")}
+    expected_last = {"head.weight", "head.bias"} | {
+        f"backbone.{n}.{k}" for n in last_stage_groups for k in ("weight", "bias")
+    }
     assert recorder.trainable[-1] == expected_last
 
 
@@ -96,7 +98,9 @@ def test_freeze_then_unfreeze_with_epoch_interval(tmp_path: Any, name: str) -> N
     factory = SCHEDULERS[name] if name != "OneCycleLR" else (lambda o: S.OneCycleLR(o, max_lr=0.2, total_steps=EPOCHS))
     model = ForeignModule(scheduler=factory, interval="epoch")
     recorder = LRRecorder()
-    trainer(tmp_path, [FreezeBackbone(unfreeze_at_epoch=1), LayerwiseLR(decay=0.5), recorder], max_epochs=EPOCHS).fit(model)
+    trainer(tmp_path, [FreezeBackbone(unfreeze_at_epoch=1), LayerwiseLR(decay=0.5), recorder], max_epochs=EPOCHS).fit(
+        model
+    )
     names = [g.name for g in layer_groups(model.backbone)]
     param = torch.nn.Parameter(torch.zeros(1))
     ref_opt = torch.optim.SGD([param], lr=0.1)

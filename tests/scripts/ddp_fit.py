@@ -16,10 +16,14 @@ from torch.optim import lr_scheduler as S
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tinymodels import ForeignModule, tiny_data  # noqa: E402
+from tinymodels import ForeignModule, tiny_data
 
-from lt_finetune.callbacks import FreezeBackbone, GradualUnfreeze, LayerwiseLR  # noqa: E402
-from lt_finetune.callbacks import _finetune  # noqa: E402
+from lt_finetune.callbacks import (
+    FreezeBackbone,
+    GradualUnfreeze,
+    LayerwiseLR,
+    _finetune,
+)
 
 
 class Module(ForeignModule):
@@ -52,8 +56,14 @@ def main() -> None:
         default_root_dir=out,
     )
     trainer.fit(model)
-    frozen_moved = max((p.detach() - initial[n]).abs().max().item() for n, p in model.named_parameters() if n.startswith("backbone.0."))
-    others_moved = min((p.detach() - initial[n]).abs().max().item() for n, p in model.named_parameters() if not n.startswith("backbone.0."))
+    frozen_moved = max(
+        (p.detach() - initial[n]).abs().max().item() for n, p in model.named_parameters() if n.startswith("backbone.0.")
+    )
+    others_moved = min(
+        (p.detach() - initial[n]).abs().max().item()
+        for n, p in model.named_parameters()
+        if not n.startswith("backbone.0.")
+    )
     torch.save(
         {
             "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
