@@ -43,15 +43,20 @@ class FinetuneCLI(LightningCLI):
 
 
 def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:
-    return FinetuneCLI(
-        TransferModule,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        args=list(args),
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    # LightningCLI reads sys.argv; handing it ``args`` as well makes it warn, so present them as sys.argv.
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "lt-finetune", *args]
+    try:
+        return FinetuneCLI(
+            TransferModule,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
 
 
 def _groups(args: Sequence[str]) -> int:
