@@ -277,7 +277,10 @@ class _LayerGroupCallback(pl.Callback):
             )
         coordinator = _COORDINATORS.get(pl_module)
         if coordinator is None or coordinator.optimizer is not None:  # a new fit starts from a fresh coordinator
+            previous = coordinator
             coordinator = _Coordinator(pl_module, self.backbone, type(self).__name__)
+            if previous is not None:  # what an earlier fit left frozen is unfrozen if this fit does not want it
+                coordinator.frozen = {n: m for n, m in previous.frozen.items() if n in coordinator.params}
             _COORDINATORS[pl_module] = coordinator
         coordinator.register(self)
         # Freeze before the strategy wraps the model, so that DDP never expects gradients for frozen parameters.

@@ -147,3 +147,13 @@ def test_fit_time_errors_name_the_problem(tmp_path: Any) -> None:
         trainer(tmp_path, [FreezeBackbone(groups=["encoder.*"])]).fit(ForeignModule())
     with pytest.raises(AttributeError, match=r"found no sub-module 'encoder'.*available: \['backbone', 'head'\]"):
         trainer(tmp_path, [FreezeBackbone(backbone="encoder")]).fit(ForeignModule())
+
+
+def test_a_second_fit_starts_from_its_own_policy(tmp_path: Any) -> None:
+    """What a first fit left frozen does not leak into a second fit with other callbacks."""
+    model = ForeignModule()
+    trainer(tmp_path, [FreezeBackbone()], max_epochs=1).fit(model)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    recorder = LRRecorder()
+    trainer(tmp_path, [FreezeBackbone(groups=["0"]), recorder], max_epochs=1).fit(model)
+    assert recorder.trainable[0] == {n for n, _ in model.named_parameters() if not n.startswith("backbone.0.")}
