@@ -41,8 +41,8 @@ class GradualUnfreeze(_LayerGroupCallback):
 
         >>> from lt_finetune.callbacks import GradualUnfreeze
         >>> callback = GradualUnfreeze(every_n_epochs=1, groups_per_stage=2)
-        >>> callback.frozen_groups(["stem", "layer1", "layer2", "layer3"], epoch=1, step=0)
-        {'stem', 'layer1'}
+        >>> sorted(callback.frozen_groups(["stem", "layer1", "layer2", "layer3"], epoch=1, step=0))
+        ['layer1', 'stem']
     """
 
     def __init__(
