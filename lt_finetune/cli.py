@@ -41,6 +41,22 @@ class FinetuneCLI(LightningCLI):
             shown = f" ({callback.monitor}={float(score):.4f})" if score is not None else ""  # type: ignore[union-attr]
             print(f"Best checkpoint{shown}: {path}")
 
+    def after_predict(self) -> None:
+        """Save the predicted probabilities next to the run's outputs and say where."""
+        outputs = self.trainer.predict_loop.predictions
+        if not self.trainer.is_global_zero or not outputs:
+            return
+        import os
+
+        import torch
+
+        batches = outputs[0] if outputs and isinstance(outputs[0], list) else outputs
+        probabilities = torch.cat([torch.as_tensor(b) for b in batches])
+        path = os.path.join(self.trainer.default_root_dir, "predictions.pt")
+        os.makedirs(self.trainer.default_root_dir, exist_ok=True)
+        torch.save(probabilities, path)
+        print(f"Saved predicted probabilities {tuple(probabilities.shape)} to {path}")
+
 
 def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:
     # LightningCLI reads sys.argv; handing it ``args`` as well makes it warn, so present them as sys.argv.

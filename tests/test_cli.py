@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lt_finetune.callbacks import __all__ as CALLBACKS
@@ -36,6 +37,11 @@ def test_fit_then_test_from_yaml_in_a_subprocess(tmp_path: Path, animal_mnist: N
     test = _run("test", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc" in test.stdout + test.stderr
+    predict = _run("predict", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), *root[:2], cwd=tmp_path)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    probabilities = torch.load(tmp_path / "predictions.pt")
+    assert probabilities.shape == (20, 10) and torch.allclose(probabilities.sum(1), torch.ones(20), atol=1e-5)
+    assert "Saved predicted probabilities (20, 10)" in predict.stdout
 
 
 @pytest.mark.parametrize("name", CALLBACKS)
