@@ -1,0 +1,202 @@
+"""The registry of fine-tuning recipes compared in the accuracy section (and reused by the scale section).
+
+A recipe is a function from a :class:`RecipeContext` (hyper-parameters, weights, classes) to a LightningModule and
+its callbacks. Adding a technique (domain adaptation, a regulariser, weight averaging) is one decorated function;
+every table and plot picks it up::
+
+    @register("swa", "SWA (Lightning)", family="lt_finetune", hparams="full")
+    def _swa(ctx: RecipeContext) -> Built:
+        return _transfer(ctx), [StochasticWeightAveraging(swa_lrs=ctx.lr)]
+
+Hyper-parameters come from ``benchmarks/lr_table.json`` (written by ``python -m benchmarks.select_lr`` on a
+validation split carved from the training images) under the recipe's ``hparams`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+
+from benchmarks.common import BACKBONE, fts_available
+from benchmarks.models import TrainableOnlyModule, fts_schedule, group_names
+from lt_finetune import FreezeBackbone, GradualUnfreeze, LayerwiseLR, TransferModule
+
+LR_TABLE = Path(__file__).with_name("lr_table.json")
+Family = Literal["baseline", "lt_finetune", "anchor"]
+Built = tuple[pl.LightningModule, list[Callback]]
+
+#: Used when ``lr_table.json`` lacks a key (timing runs, and before the selection has been run).
+DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
+    "scratch": {"lr": 3e-3},
+    "full": {"lr": 1e-3},
+    "linear_probe": {"lr": 1e-2},
+    "layerwise_lr": {"lr": 3e-3, "decay": 0.8},
+    "backbone_finetuning": {"lr": 1e-3, "gamma": 0.6},
+}
+#: GradualUnfreeze and finetuning-scheduler share one schedule: the head, then the top 10 of MobileNetV2's 19
+#: groups (features.9-18) at epoch 1, then the rest at epoch 2.
+TOP_GROUPS = 10
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe builder gets."""
+
+    hparams: Mapping[str, float]
+    weights: str
+    num_classes: int
+    root: str
+    epochs: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lr(self) -> float:
+        """The recipe's peak learning rate."""
+        return float(self.hparams["lr"])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named way to fine-tune: how to build the module and callbacks, and where its hyper-parameters live."""
+
+    name: str
+    label: str
+    family: Family
+    hparams: str
+    build: Callable[[RecipeContext], Built]
+    description: str
+    requires: Callable[[], bool] | None = None
+
+    def available(self) -> bool:
+        """Whether the recipe's optional dependencies are installed."""
+        return self.requires is None or self.requires()
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(
+    name: str, label: str, *, family: Family, hparams: str, requires: Callable[[], bool] | None = None
+) -> Callable[[Callable[[RecipeContext], Built]], Callable[[RecipeContext], Built]]:
+    """Add a recipe builder to :data:`RECIPES` under ``name`` (its docstring becomes the description)."""
+
+    def decorator(fn: Callable[[RecipeContext], Built]) -> Callable[[RecipeContext], Built]:
+        if name in RECIPES:
+            raise ValueError(f"Recipe {name!r} is already registered.")
+        RECIPES[name] = Recipe(name, label, family, hparams, fn, (fn.__doc__ or "").strip().splitlines()[0], requires)
+        return fn
+
+    return decorator
+
+
+def load_hparams() -> dict[str, dict[str, float]]:
+    """Selected hyper-parameters per key: ``lr_table.json``'s ``chosen`` entries over :data:`DEFAULT_HPARAMS`."""
+    table = {k: dict(v) for k, v in DEFAULT_HPARAMS.items()}
+    if LR_TABLE.is_file():
+        for key, value in json.loads(LR_TABLE.read_text()).get("chosen", {}).items():
+            table[key] = dict(value)
+    return table
+
+
+def build(
+    name: str, hparams: Mapping[str, Mapping[str, float]], weights: str, num_classes: int, root: str, epochs: int
+) -> Built:
+    """Build recipe ``name`` with the hyper-parameters of its key, for a run of ``epochs`` epochs."""
+    recipe = RECIPES[name]
+    return recipe.build(RecipeContext(hparams[recipe.hparams], weights, num_classes, root, epochs))
+
+
+# -- builders ----------------------------------------------------------------------------------------------------
+
+
+def _transfer(
+    ctx: RecipeContext, pretrained: bool = True, cls: type[TransferModule] = TransferModule, **kwargs: Any
+) -> TransferModule:
+    return cls(
+        backbone=BACKBONE,
+        num_classes=ctx.num_classes,
+        pretrained=ctx.weights if pretrained else False,
+        lr=ctx.lr,
+        weight_decay=0.05,
+        schedule="cosine",
+        **kwargs,
+    )
+
+
+@register("scratch", "From scratch", family="baseline", hparams="scratch")
+def _scratch(ctx: RecipeContext) -> Built:
+    """Random initialisation, every layer trained (plain Lightning)."""
+    return _transfer(ctx, pretrained=False), []
+
+
+@register("linear_probe", "Linear probe", family="lt_finetune", hparams="linear_probe")
+def _linear_probe(ctx: RecipeContext) -> Built:
+    """`FreezeBackbone()`: only the head trains."""
+    return _transfer(ctx), [FreezeBackbone()]
+
+
+@register("full", "Full fine-tuning", family="baseline", hparams="full")
+def _full(ctx: RecipeContext) -> Built:
+    """ImageNet weights, every layer trained at one learning rate (plain Lightning)."""
+    return _transfer(ctx), []
+
+
+@register("lp_ft", "LP-FT", family="lt_finetune", hparams="full")
+def _lp_ft(ctx: RecipeContext) -> Built:
+    """`FreezeBackbone(unfreeze_at_epoch=1)`: linear probe for one epoch, then everything."""
+    return _transfer(ctx), [FreezeBackbone(unfreeze_at_epoch=1)]
+
+
+@register("gradual_unfreeze", "GradualUnfreeze", family="lt_finetune", hparams="full")
+def _gradual(ctx: RecipeContext) -> Built:
+    """`GradualUnfreeze(every_n_epochs=1, groups_per_stage=10)`: head, then top 10 groups, then all."""
+    return _transfer(ctx), [GradualUnfreeze(every_n_epochs=1, groups_per_stage=TOP_GROUPS)]
+
+
+@register("layerwise_lr", "LayerwiseLR", family="lt_finetune", hparams="layerwise_lr")
+def _layerwise(ctx: RecipeContext) -> Built:
+    """`LayerwiseLR(decay=d)`: group k below the head trains at d**k times the rate."""
+    return _transfer(ctx), [LayerwiseLR(decay=float(ctx.hparams["decay"]))]
+
+
+@register("gu_llr", "GradualUnfreeze + LayerwiseLR", family="lt_finetune", hparams="layerwise_lr")
+def _gradual_layerwise(ctx: RecipeContext) -> Built:
+    """Both callbacks: the GradualUnfreeze schedule with layer-wise decayed rates."""
+    callbacks: list[Callback] = [
+        GradualUnfreeze(every_n_epochs=1, groups_per_stage=TOP_GROUPS),
+        LayerwiseLR(decay=float(ctx.hparams["decay"])),
+    ]
+    return _transfer(ctx), callbacks
+
+
+@register("backbone_finetuning", "Lightning BackboneFinetuning", family="anchor", hparams="backbone_finetuning")
+def _backbone_finetuning(ctx: RecipeContext) -> Built:
+    """`BackboneFinetuning(unfreeze_backbone_at_epoch=1)` (the LP-FT intent), defaults otherwise; epoch-wise StepLR."""
+    model = _transfer(ctx, cls=TrainableOnlyModule, step_gamma=float(ctx.hparams["gamma"]))
+    return model, [BackboneFinetuning(unfreeze_backbone_at_epoch=1)]
+
+
+@register("finetuning_scheduler", "finetuning-scheduler", family="anchor", hparams="full", requires=fts_available)
+def _finetuning_scheduler(ctx: RecipeContext) -> Built:
+    """`FinetuningScheduler` with an explicit 3-phase schedule (the GradualUnfreeze intent), epoch transitions."""
+    from finetuning_scheduler import FinetuningScheduler
+
+    model = _transfer(ctx, cls=TrainableOnlyModule)
+    names = group_names(model)
+    schedule = fts_schedule(model, [names[-TOP_GROUPS:], names[:-TOP_GROUPS]], ctx.lr, ctx.epochs)
+    fts = FinetuningScheduler(
+        ft_schedule=schedule,
+        epoch_transitions_only=True,
+        restore_best=False,
+        apply_lambdas_new_pgs=True,  # the per-step cosine also drives the groups added by later phases
+        logging_level=logging.ERROR,
+        log_dir=ctx.root,
+    )
+    return model, [fts]

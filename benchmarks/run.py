@@ -1,0 +1,147 @@
+"""Run the benchmark sections and write the report: ``python -m benchmarks.run [--full] [--sections 1,2,...]``.
+
+Sections: 1 overhead, 2 freezing speed-up kept (1 and 2 share one timing run), 3 DDP, 4 memory, 5 accuracy,
+6 scale. Each section's raw results go to ``<results-dir>/<section>.json``; the report is rebuilt from every
+result file there, so a partial run keeps the other sections' last results (each table names its own run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    REPORT,
+    RESULTS_DIR,
+    SETTINGS,
+    Settings,
+    library_versions,
+    machine_info,
+    quiet,
+    save_result,
+    setup_assets,
+)
+
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6)
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _section_runners(sections: set[int]) -> list[tuple[str, set[int], Callable[[Settings], dict[str, Any]]]]:
+    from benchmarks import accuracy, ddp, memory, scale, speed
+
+    runners: list[tuple[str, set[int], Callable[[Settings], dict[str, Any]]]] = []
+    if sections & {1, 2}:
+        runners.append(("speed", sections & {1, 2}, lambda s: speed.run(s, sections & {1, 2}, _log)))
+    if 3 in sections:
+        runners.append(("ddp", {3}, lambda s: ddp.run(s, _log)))
+    if 4 in sections:
+        runners.append(("memory", {4}, lambda s: memory.run(s, _log)))
+    if 5 in sections:
+        runners.append(("accuracy", {5}, lambda s: accuracy.run(s, _log)))
+    if 6 in sections:
+        runners.append(("scale", {6}, lambda s: scale.run(s, _log)))
+    return runners
+
+
+def _parse_sections(text: str) -> set[int]:
+    try:
+        sections = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected comma-separated section numbers, got {text!r}.") from None
+    unknown = sections - set(ALL_SECTIONS)
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(f"Expected sections among {list(ALL_SECTIONS)}, got {text!r}.")
+    return sections
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options, set up, run the sections, write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--full", action="store_true", help="longer version: more repeats and seeds, 60k images, DDP scaling"
+    )
+    mode.add_argument(
+        "--smoke", action="store_true", help="tiny settings to check that everything runs (results go to /tmp)"
+    )
+    parser.add_argument("--sections", type=_parse_sections, default=set(ALL_SECTIONS), help="e.g. 1,2,5 (default: all)")
+    parser.add_argument("--seeds", type=str, default=None, help="override the accuracy seeds, e.g. 0,1,2")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"report path (default {REPORT.relative_to(Path.cwd()) if REPORT.is_relative_to(Path.cwd()) else REPORT})",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="where the JSON results go (default benchmarks/results)"
+    )
+    parser.add_argument("--no-setup", action="store_true", help="do not install missing benchmark-only assets")
+    args = parser.parse_args(argv)
+    quiet()
+    settings = SETTINGS["full" if args.full else "smoke" if args.smoke else "default"]
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    smoke_dir = Path("/tmp/lt_finetune_bench_smoke")
+    results_dir = args.results_dir or (smoke_dir / "results" if args.smoke else RESULTS_DIR)
+    out = args.out or (smoke_dir / "benchmarks.md" if args.smoke else REPORT)
+    command = "python -m benchmarks.run" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    load_before = _load()
+    start = time.perf_counter()
+    notes = setup_assets(install=not args.no_setup)
+    for note in notes:
+        _log(f"setup: {note}")
+    machine, versions = machine_info(), library_versions()
+    for name, sections, runner in _section_runners(args.sections):
+        _log(f"section {','.join(map(str, sorted(sections)))} ({name}) ...")
+        section_start = time.perf_counter()
+        data = runner(settings)
+        wall = time.perf_counter() - section_start
+        meta = {
+            "command": command,
+            "mode": settings.mode,
+            "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "wall_s": wall,
+            "settings": settings.to_dict(),
+            "load": _load(),
+        }
+        save_result(results_dir, name, data, meta)
+        _log(f"section {name} done in {wall:.0f} s")
+    wall = time.perf_counter() - start
+    run_meta = {
+        "command": command,
+        "mode": settings.mode,
+        "started": started,
+        "wall_s": wall,
+        "sections": sorted(args.sections),
+        "machine": machine,
+        "versions": versions,
+        "notes": notes,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+    save_result(results_dir, "run", {}, run_meta)
+    from benchmarks.report import write_report
+
+    plots = write_report(results_dir, out)
+    _log(f"wrote {out} and {len(plots)} plot(s); total wall time {wall / 60:.1f} min")
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    main()
