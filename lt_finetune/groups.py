@@ -15,7 +15,7 @@ The name ``"head"`` is reserved for the task head outside the backbone.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -267,11 +267,3 @@ def _module_paths(names: Sequence[str]) -> tuple[str, ...]:
     depth = max(len(_common_prefix(names)), 1)
     paths = (".".join(n.split(".")[:depth]) if n.count(".") >= depth else n.rsplit(".", 1)[0] for n in names)
     return tuple(dict.fromkeys(paths))
-
-
-def iter_group_params(groups: Sequence[LayerGroup], names: Sequence[str]) -> Iterator[nn.Parameter]:
-    """Parameters of the groups called ``names``."""
-    wanted = set(names)
-    for g in groups:
-        if g.name in wanted:
-            yield from g.params

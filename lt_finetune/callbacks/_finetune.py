@@ -223,11 +223,6 @@ class _Coordinator:
             offset += n
 
 
-def coordinator_for(pl_module: pl.LightningModule) -> _Coordinator | None:
-    """The coordinator attached to ``pl_module`` during a fit, if any."""
-    return _COORDINATORS.get(pl_module)
-
-
 class _LayerGroupCallback(pl.Callback):
     """Base of the lt_finetune callbacks: Lightning hooks here, policy in the subclasses.
 
