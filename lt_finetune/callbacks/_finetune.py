@@ -239,6 +239,12 @@ class _LayerGroupCallback(pl.Callback):
             )
         self.backbone = backbone
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances of one callback class on different backbones keep separate state in a checkpoint.
+        return self._generate_state_key(backbone=self.backbone)
+
     # -- policy (pure) -----------------------------------------------------------------------------------------
 
     def frozen_groups(self, names: Sequence[str], epoch: int, step: int) -> set[str]:

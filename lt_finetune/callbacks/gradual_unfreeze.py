@@ -93,11 +93,6 @@ class GradualUnfreeze(_LayerGroupCallback):
         self._scheduled: dict[int, list[str]] = {}
         self.unfrozen_at: dict[str, int] = {}
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(backbone=self.backbone)
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(backbone={self.backbone!r}, every_n_epochs={self.every_n_epochs!r}, "

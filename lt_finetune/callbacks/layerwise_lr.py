@@ -48,11 +48,6 @@ class LayerwiseLR(_LayerGroupCallback):
         self.multipliers = dict(multipliers) if multipliers is not None else None
         self.factors: dict[str, float] = {}
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(backbone=self.backbone)
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(backbone={self.backbone!r}, decay={self.decay!r}, multipliers={self.multipliers!r})"
