@@ -6,7 +6,7 @@ The split helpers are pure functions of class labels and a seed, so they are tes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -159,6 +159,31 @@ def mix_batch(mixup: Mixup, images: Tensor, targets: Tensor) -> tuple[Tensor, Te
     return torch.cat((head_images, images[even:])), torch.cat((head_targets, tail_targets))
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees, epoch for
+    epoch, the same order as the uninterrupted run (a ``RandomSampler`` with a seeded generator does not: its
+    generator restarts at the resumed epoch).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
 class ImageDataModuleBase(LightningDataModule):
     """Loaders, normalisation settings and the Mixup/CutMix hook shared by the image datamodules.
 
@@ -241,8 +266,7 @@ class ImageDataModuleBase(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
