@@ -100,11 +100,9 @@ def split_param_groups(
     new_groups: list[dict[str, Any]] = []
     sources: list[int] = []
     changes: list[str] = []
-    held: set[int] = set()
     for index, group in enumerate(old_groups):
         by_layer: dict[str, list[nn.Parameter]] = {}
         for p in group["params"]:
-            held.add(id(p))
             by_layer.setdefault(assignment.get(id(p), HEAD), []).append(p)
         parts = sorted(by_layer.items(), key=lambda kv: rank.get(kv[0], len(rank)))
         if len(parts) == 1 and group.get(LAYER_GROUP) == parts[0][0]:
