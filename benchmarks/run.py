@@ -23,9 +23,9 @@ from benchmarks.common import (
     Settings,
     library_versions,
     machine_info,
+    missing_assets,
     quiet,
     save_result,
-    setup_assets,
 )
 
 ALL_SECTIONS = (1, 2, 3, 4, 5, 6)
@@ -64,7 +64,7 @@ def _parse_sections(text: str) -> set[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options, set up, run the sections, write the report."""
+    """Parse the options, report missing benchmark-only assets, run the sections, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--results-dir", type=Path, default=None, help="where the JSON results go (default benchmarks/results)"
     )
-    parser.add_argument("--no-setup", action="store_true", help="do not install missing benchmark-only assets")
     args = parser.parse_args(argv)
     quiet()
     settings = SETTINGS["full" if args.full else "smoke" if args.smoke else "default"]
@@ -97,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     load_before = _load()
     start = time.perf_counter()
-    notes = setup_assets(install=not args.no_setup)
+    notes = missing_assets()
     for note in notes:
-        _log(f"setup: {note}")
+        _log(f"missing: {note}")
     machine, versions = machine_info(), library_versions()
     for name, sections, runner in _section_runners(args.sections):
         _log(f"section {','.join(map(str, sorted(sections)))} ({name}) ...")

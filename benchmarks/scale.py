@@ -89,7 +89,7 @@ def fashion_datamodule(size: int, seed: int = 0) -> FashionSubset:
 def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     """Every (recipe, size, processes) configuration, each in a fresh process."""
     if not fashion_mnist_files():
-        return {"skipped": "Debian package dataset-fashion-mnist is not installed (run the setup as root)."}
+        return {"skipped": "Fashion-MNIST is not installed (`make bench-setup` installs it when run as root)."}
     prepare_root()
     devices = (1, 2) if settings.scale_ddp else (1,)
     runs: list[dict[str, Any]] = []

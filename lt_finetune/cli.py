@@ -1,5 +1,8 @@
 """``lt-finetune``: LightningCLI over TransferModule and the datamodules, plus ``groups`` and ``preview``.
 
+``groups`` and ``preview`` are subcommands of the same parser as ``fit``, ``validate``, ``test`` and ``predict``:
+``lt-finetune --help`` lists all six and ``lt-finetune <subcommand> --help`` describes each.
+
 Usage::
 
     lt-finetune fit --config examples/configs/animal_mnist_mobilenetv2.yaml
@@ -10,27 +13,132 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse.typing import Path_fr, PositiveInt
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lt_finetune.module import TransferModule
 
 __all__ = ["FinetuneCLI", "main"]
 
+_DESCRIPTION = (
+    "Fine-tune a pretrained backbone: fit, validate, test and predict run a Trainer; "
+    "groups and preview plan a run without training."
+)
+#: The subcommands this CLI adds to the Trainer's, with their one-line help.
+_PLANNING_SUBCOMMANDS = {
+    "groups": "Print the layer groups of a backbone: the names the callbacks address.",
+    "preview": "Compute and plot the fine-tuning plan of a fit config, without training.",
+}
+
 
 class FinetuneCLI(LightningCLI):
-    """LightningCLI with the number of classes taken from the datamodule and the best checkpoint reported."""
+    """LightningCLI with the number of classes taken from the datamodule and the best checkpoint reported.
+
+    Beside the Trainer's subcommands it has two that plan a run: ``groups`` (parsed on its own: a backbone name
+    or a fit config's) and ``preview`` (parsed like ``fit``, plus ``--output`` and ``--steps_per_epoch``). They
+    are real subcommands of the parser, so ``--help`` lists them; :meth:`groups` and :meth:`preview` run them.
+    """
 
     @override
-    def add_arguments_to_parser(self, parser: Any) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    @override
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action  # the action the call above added: append to its choices
+        if subcommands is None:
+            raise RuntimeError("LightningCLI added no subcommands to its parser; `groups` and `preview` need them.")
+        for name, build in (("groups", self._groups_parser), ("preview", self._preview_parser)):
+            description = _PLANNING_SUBCOMMANDS[name]
+            subparser = build(**{"description": description, **kwargs.get(name, {})})
+            self._subcommand_parsers[name] = subparser
+            self._subcommand_method_arguments[name] = []  # nothing is passed on to a Trainer method
+            subcommands.add_subcommand(name, subparser, help=description)
+
+    def _groups_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Only a name is needed: no model, data or trainer section, so `groups resnet18` needs no config.
+        parser = self.parser_class(**kwargs)
+        name_help = "A timm model name, or 'torchvision/<name>'."
+        parser.add_argument("backbone", nargs="?", type=str | None, default=None, help=name_help)
+        parser.add_argument("--model.backbone", type=str | None, default=None, help="Same as `backbone`.")
+        parser.add_argument(
+            "--config", type=Path_fr | None, default=None, help="A fit config; its `model.backbone` is used."
+        )
+        return parser
+
+    def _preview_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Everything `fit` reads (the model, data and trainer sections) plus where the plot goes.
+        parser = self.init_parser(**kwargs)
+        self._add_arguments(parser)
+        parser.add_argument("--output", type=str, default="schedule_preview.png", help="PNG file to write.")
+        parser.add_argument(
+            "--steps_per_epoch",
+            type=PositiveInt | None,
+            default=None,
+            help="Optimizer steps per epoch; None counts the batches of the datamodule's train loader.",
+        )
+        return parser
+
+    @override
+    def _set_seed(self) -> None:
+        if self.subcommand != "groups":  # groups builds no model and has no seed to set
+            super()._set_seed()
+
+    @override
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "groups":
+            self.config_init = self.parser.instantiate_classes(self.config)
+            return
+        super().instantiate_classes()
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in _PLANNING_SUBCOMMANDS:
+            getattr(self, subcommand)()
+            return
+        super()._run_subcommand(subcommand)
+
+    def groups(self) -> None:
+        """Print the layer groups of the named backbone (``groups``)."""
+        options = self.config["groups"]
+        name = options.backbone or options.model.backbone
+        if name is None and options.config is not None:
+            import yaml
+
+            with open(options.config.absolute) as f:
+                name = ((yaml.safe_load(f) or {}).get("model") or {}).get("backbone")
+        if not name:
+            self._subcommand_parsers["groups"].error(
+                "name a backbone: `lt-finetune groups resnet18`, `--model.backbone NAME` or `--config CONFIG`"
+            )
+        from lt_finetune.backbones import create_backbone
+        from lt_finetune.groups import format_groups, layer_groups
+
+        backbone, _ = create_backbone(name, pretrained=False)
+        print(f"Layer groups of {name} (input side first; the task head is the group 'head'):")
+        print(format_groups(layer_groups(backbone)))
+
+    def preview(self) -> None:
+        """Print the fine-tuning plan as a table and plot it (``preview``)."""
+        from lt_finetune.preview import preview_schedule
+
+        options = self.config["preview"]
+        trainer = self.trainer
+        steps = options.steps_per_epoch or _steps_per_epoch(trainer, self.datamodule)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        callbacks = list(getattr(trainer, "callbacks", []))
+        plan = preview_schedule(self.model, callbacks, max_epochs=epochs, steps_per_epoch=steps)
+        print(plan.table())
+        plan.plot(options.output)
+        print(f"Plot written to {options.output}")
 
     def after_fit(self) -> None:
         """Print where the best checkpoint is, for ``test``/``predict`` to use."""
@@ -69,55 +177,11 @@ def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:
             subclass_mode_data=True,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": _DESCRIPTION},
             auto_configure_optimizers=False,
         )
     finally:
         sys.argv = saved
-
-
-def _groups(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lt-finetune groups", description="Print the layer groups of a backbone.")
-    parser.add_argument("backbone", nargs="?", help="timm name, 'torchvision/<name>'")
-    parser.add_argument("--model.backbone", dest="model_backbone", help="same as the positional argument")
-    parser.add_argument("--config", help="a fit config; its model.backbone is used")
-    ns = parser.parse_args(list(args))
-    name = ns.backbone or ns.model_backbone
-    if name is None and ns.config:
-        import yaml
-
-        with open(ns.config) as f:
-            name = (yaml.safe_load(f).get("model") or {}).get("backbone")
-    if not name:
-        parser.error("name a backbone: `lt-finetune groups resnet18` or `--config CONFIG`")
-    from lt_finetune.backbones import create_backbone
-    from lt_finetune.groups import format_groups, layer_groups
-
-    backbone, _ = create_backbone(name, pretrained=False)
-    print(f"Layer groups of {name} (input side first; the task head is the group 'head'):")
-    print(format_groups(layer_groups(backbone)))
-    return 0
-
-
-def _preview(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lt-finetune preview",
-        description="Compute the fine-tuning plan of a fit config without training; other arguments go to `fit`.",
-    )
-    parser.add_argument("--output", default="schedule_preview.png", help="PNG to write (default: %(default)s)")
-    parser.add_argument("--steps_per_epoch", type=int, help="optimizer steps per epoch (default: from the data)")
-    ns, rest = parser.parse_known_args(list(args))
-    from lt_finetune.preview import preview_schedule
-
-    cli = _cli(rest, run=False)
-    trainer, model = cli.trainer, cli.model
-    steps = ns.steps_per_epoch or _steps_per_epoch(trainer, cli.datamodule)
-    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-    callbacks = list(getattr(trainer, "callbacks", []))
-    plan = preview_schedule(model, callbacks, max_epochs=epochs, steps_per_epoch=steps)
-    print(plan.table())
-    plan.plot(ns.output)
-    print(f"Plot written to {ns.output}")
-    return 0
 
 
 def _steps_per_epoch(trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> int:
@@ -135,12 +199,7 @@ def _steps_per_epoch(trainer: pl.Trainer, datamodule: pl.LightningDataModule | N
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lt-finetune`` console script."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "groups":
-        return _groups(argv[1:])
-    if argv and argv[0] == "preview":
-        return _preview(argv[1:])
-    _cli(argv)
+    _cli(list(sys.argv[1:] if args is None else args))
     return 0
 
 

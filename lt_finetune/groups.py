@@ -1,13 +1,19 @@
 """Ordered, named layer groups of a backbone: the unit that freezing, unfreezing and learning rates act on.
 
 ``layer_groups(model)`` is pure (no Trainer): it returns the groups from the input side to the output side,
-covering every parameter of ``model`` exactly once. Three sources, tried in order:
+covering every parameter of ``model`` exactly once. A ``torch.compile`` wrapper (``OptimizedModule``) is
+looked through: the groups, their names and ``param_names`` are those of the module it compiled, without the
+``_orig_mod.`` prefix, so patterns written for the plain module keep matching. Two sources, tried in order:
 
 1. a timm-style ``group_matcher(coarse=False)`` method (every timm model has one): one group per block;
-2. a generic structural fallback for any other module (torchvision models included): the top-level
-   children in definition order, where a long ``nn.Sequential``/``nn.ModuleList`` that holds most of the
-   parameters is split into its children (``features.0`` ... ``features.18`` for MobileNetV2), and the
-   leading leaf layers are merged into ``stem``.
+2. a generic structural fallback for any other module (torchvision and Hugging Face models included): the
+   top-level children in definition order, where a module that holds most of the parameters is split into
+   its children. A long ``nn.Sequential``/``nn.ModuleList`` is split into its blocks (``features.0`` ...
+   ``features.18`` for MobileNetV2), a wrapper into its parts, and wrappers with a single child are
+   descended through to reach the blocks (``encoder`` -> ``encoder.layer`` -> ``encoder.layer.0`` ... in a
+   BERT-style text encoder). Embedding tables (``nn.Embedding``) do not count towards "most of the
+   parameters": a vocabulary can outweigh every transformer layer, yet it is one lookup on the input side,
+   so ``embeddings`` stays one group before the layers. The leading leaf layers are merged into ``stem``.
 
 The name ``"head"`` is reserved for the task head outside the backbone.
 """
@@ -31,7 +37,8 @@ class LayerGroup:
 
     Attributes:
         name: Group name, unique within the model (``"stem"``, ``"blocks.3"``, ``"layer4"``).
-        param_names: Parameter names relative to the model the groups were computed on.
+        param_names: Parameter names relative to the model the groups were computed on (to the module it
+            compiled, for a ``torch.compile`` wrapper).
         params: The parameters, in the same order as ``param_names``.
         modules: Module paths that make up the group (for display).
     """
@@ -51,7 +58,8 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     """Split ``model`` into ordered, named layer groups, from the input side to the output side.
 
     Args:
-        model: A timm model (uses its ``group_matcher``), a torchvision model or any ``nn.Module``.
+        model: A timm model (uses its ``group_matcher``), a torchvision or Hugging Face model or any
+            ``nn.Module``, compiled with ``torch.compile`` or not.
 
     Returns:
         The groups; every parameter of ``model`` is in exactly one of them.
@@ -66,6 +74,7 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
         >>> [g.name for g in groups][:3]
         ['stem', 'layer1.0', 'layer1.1']
     """
+    model = _uncompiled(model)
     named = dict(model.named_parameters())
     if not named:
         raise ValueError(f"Expected `model` to have parameters, got {type(model).__name__} with none.")
@@ -131,6 +140,17 @@ def _fullmatch(pattern: str, name: str) -> bool:
         return False
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    # torch.compile returns an OptimizedModule whose only child is the original module, `_orig_mod`, so every
+    # parameter name gains a `_orig_mod.` prefix (and timm's group_matcher, reached through attribute
+    # forwarding, matches none of them). Duck-typed, to avoid importing torch._dynamo.
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or [n for n, _ in model.named_children()] != ["_orig_mod"]:
+            return model
+        model = inner
+
+
 # --- timm group_matcher -------------------------------------------------------------------------------------------
 
 
@@ -154,25 +174,53 @@ def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _embedding_params(model: nn.Module) -> set[int]:
+    return {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        for p in m.parameters(recurse=False)
+    }
+
+
+def _body_size(module: nn.Module, skip: set[int]) -> int:
+    # Embedding tables are lookups, not depth: the 30k-token vocabulary of a small text encoder outweighs all
+    # its transformer layers, and must not decide where the body of the network is.
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+
+
+def _through_wrappers(prefix: str, module: nn.Module) -> tuple[str, nn.Module]:
+    # Follow modules with one child and no parameters of their own: ``encoder`` -> ``encoder.layer``.
+    while next(module.parameters(recurse=False), None) is None:
+        children = [(n, c) for n, c in module.named_children() if _num_params(c) > 0]
+        if len(children) != 1:
+            break
+        prefix, module = _join(prefix, children[0][0]), children[0][1]
+    return prefix, module
+
+
 def _fallback_groups(model: nn.Module) -> list[tuple[str | None, list[str]]]:
     # Items are (prefix, module or None for a direct parameter). A dominant item is replaced by its children:
     # a wrapper module always, a Sequential/ModuleList only when long, so ResNet keeps its four stages while
-    # MobileNetV2's ``features`` and ViT's ``encoder.layers`` are split into blocks.
-    total = max(_num_params(model), 1)
+    # MobileNetV2's ``features`` and ViT's ``encoder.layers`` are split into blocks. Single-child wrappers are
+    # looked through first, or a text encoder's ``encoder`` (whose one child holds the layers) stays whole.
+    skip = _embedding_params(model)
+    total = max(_body_size(model, skip), 1)
     items = _items(model, "")
     changed = True
     while changed:
         changed = False
-        for i, (_, module) in enumerate(items):
-            if module is None:
+        for i, (prefix, item) in enumerate(items):
+            if item is None:
                 continue
-            children = [c for c in module.children() if _num_params(c) > 0]
+            path, inner = _through_wrappers(prefix, item)
+            children = [c for c in inner.children() if _num_params(c) > 0]
             if len(children) < 2:
                 continue
-            is_list = isinstance(module, (nn.Sequential, nn.ModuleList))
-            dominant = _num_params(module) >= 0.5 * total and (not is_list or len(children) >= 4)
+            is_list = isinstance(inner, (nn.Sequential, nn.ModuleList))
+            dominant = _body_size(inner, skip) >= 0.5 * total and (not is_list or len(children) >= 4)
             if dominant or len(items) < 3:
-                items[i : i + 1] = _items(module, items[i][0])
+                items[i : i + 1] = _items(inner, path)
                 changed = True
                 break
     groups: list[tuple[str | None, list[str]]] = []

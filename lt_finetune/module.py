@@ -10,14 +10,19 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 from typing_extensions import override
 
 from lt_finetune.backbones import backbone_data_config, create_backbone
+from lt_finetune.extras import EXTRA_MODULES, trainable_modules
 from lt_finetune.groups import LayerGroup, layer_groups
+from lt_finetune.loss_terms import LossTermsMixin, StepOutputs, StreamOutputs, split_batch
 from lt_finetune.optim import build_param_groups
+from lt_finetune.snapshot import load_snapshots, save_snapshots
+from lt_finetune.validation import check_choice, check_float, check_int
 
 Task = Literal["multiclass", "multilabel", "binary"]
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
@@ -45,7 +50,7 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class TransferModule(pl.LightningModule):
+class TransferModule(LossTermsMixin, pl.LightningModule):
     """Fine-tune a pretrained backbone with a new head for classification.
 
     **Optimizer contract** (public interface the callbacks rely on): ``configure_optimizers`` returns one
@@ -57,6 +62,13 @@ class TransferModule(pl.LightningModule):
     **Feature hooks**: :meth:`forward_features` (images to pooled features) and :meth:`forward_head`
     (features to logits); ``forward`` is their composition. Feature-level methods (domain adaptation,
     feature caching) build on these.
+
+    **Loss terms** (``lt_finetune.loss_terms``): callbacks register extra losses with :meth:`add_loss_term`;
+    each training step computes the features once, adds every term to the task loss and logs each one.
+
+    **Batches**: ``(x, y, *rest)``, or a dict from Lightning's ``CombinedLoader`` with the labelled stream under
+    ``"source"`` and unlabelled streams (a target domain) under other keys; all streams go through one forward
+    pass in training, and loss terms see their features and logits.
 
     Args:
         backbone: A timm model name, ``"torchvision/<name>"``, or an ``nn.Module`` (see
@@ -101,27 +113,23 @@ class TransferModule(pl.LightningModule):
         input_size: tuple[int, int, int] = (3, 224, 224),
     ) -> None:
         super().__init__()
-        if task not in ("multiclass", "multilabel", "binary"):
-            raise ValueError(f"Expected `task` to be one of ['multiclass', 'multilabel', 'binary'], got {task!r}.")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"Expected `num_classes` to be a positive integer, got {num_classes!r}.")
+        check_choice("task", task, ("multiclass", "multilabel", "binary"))
+        check_int("num_classes", num_classes, 1)
         if task == "binary" and num_classes > 2:
             raise ValueError(f"Expected `num_classes` to be 1 or 2 for task='binary', got {num_classes}.")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"Expected `num_classes` >= 2 for task='multiclass', got {num_classes}.")
-        for arg, value, low, high in (
-            ("drop_rate", drop_rate, 0.0, 1.0),
-            ("label_smoothing", label_smoothing, 0.0, 1.0),
-            ("warmup_fraction", warmup_fraction, 0.0, 1.0),
-        ):
-            if not low <= value < high:
-                raise ValueError(f"Expected `{arg}` to be in [{low}, {high}), got {value!r}.")
-        if lr <= 0:
-            raise ValueError(f"Expected `lr` to be positive, got {lr!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"Expected `weight_decay` to be non-negative, got {weight_decay!r}.")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"Expected `schedule` to be 'cosine' or 'constant', got {schedule!r}.")
+        check_float("drop_rate", drop_rate, 0.0, 1.0, high_open=True)
+        check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+        check_float("warmup_fraction", warmup_fraction, 0.0, 1.0, high_open=True)
+        check_float("lr", lr, 0.0, low_open=True)
+        check_float("weight_decay", weight_decay, 0.0)
+        check_choice("schedule", schedule, ("cosine", "constant"))
+        if pretrained is not None and not isinstance(pretrained, (bool, str)):
+            raise TypeError(
+                f"Expected `pretrained` to be a bool or a weights file path, got {pretrained!r} of type "
+                f"{type(pretrained).__name__}."
+            )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.backbone, self.num_features = create_backbone(
             backbone, pretrained, input_size=(input_size[0], input_size[1], input_size[2])
@@ -181,10 +189,34 @@ class TransferModule(pl.LightningModule):
         return logits, target.long() if self.task != "multiclass" else target
 
     def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
-        x, target = batch[0], batch[1]
-        logits = self(x)
+        x, target, streams = split_batch(batch)
+        if streams and stage == "train":
+            # One forward pass over every stream, as domain-adaptation methods expect (shared BatchNorm statistics).
+            sizes = [len(x), *(len(s[0]) for s in streams.values())]
+            features_all = self.forward_features(torch.cat([x, *(s[0] for s in streams.values())]))
+            logits_all = self.forward_head(features_all)
+            features, *stream_features = features_all.split(sizes)
+            logits, *stream_logits = logits_all.split(sizes)
+        else:
+            features = self.forward_features(x)
+            logits = self.forward_head(features)
+            stream_features, stream_logits = [], []
         loss = self._loss(logits, target)
         metrics.update(*self._metric_inputs(logits.detach(), target))
+        if stage == "train":
+            outputs = StepOutputs(
+                features=features,
+                logits=logits,
+                target=target,
+                inputs=x,
+                streams={
+                    name: StreamOutputs(inputs=s[0], features=f, logits=lg, labels=s[1])
+                    for (name, s), f, lg in zip(streams.items(), stream_features, stream_logits)
+                },
+                batch=batch,
+                stage=stage,
+            )
+            loss = self.apply_loss_terms(loss, outputs)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(x))
         return loss
@@ -204,6 +236,8 @@ class TransferModule(pl.LightningModule):
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (softmax for multiclass, sigmoid otherwise)."""
+        if isinstance(batch, dict):
+            batch = batch.get("source", next(iter(batch.values())))
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         logits = self(x)
         return logits.softmax(dim=-1) if self.task == "multiclass" else logits.sigmoid()
@@ -211,10 +245,15 @@ class TransferModule(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Param groups following the optimizer contract (without ``lr``: the optimizer's default applies)."""
+        """Param groups following the optimizer contract (without ``lr``: the optimizer's default applies).
+
+        Extra trainable modules (``lt_finetune.extras``, e.g. a domain discriminator) get their own groups, after
+        ``"head"``.
+        """
         head = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
         weight_decay = self.hparams["weight_decay"] if self.optimizer_factory is None else None
-        return build_param_groups(self.layer_groups(), head, weight_decay)
+        extras = {name: list(m.named_parameters()) for name, m in trainable_modules(self).items()}
+        return build_param_groups(self.layer_groups(), head, weight_decay, extras=extras)
 
     def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         """The optimizer and its per-step scheduler (``None`` for a constant rate), for ``total_steps`` steps."""
@@ -242,6 +281,24 @@ class TransferModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_snapshots(self, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_snapshots(self, checkpoint)
+        # Extra modules (a domain discriminator) exist only while the callback that added them is in the fit: a
+        # model loaded for inference, or resumed without that callback, does without them.
+        state = checkpoint.get("state_dict", {})
+        present = set(trainable_modules(self))
+        prefix = EXTRA_MODULES + "."
+        dropped = sorted({k.split(".")[1] for k in state if k.startswith(prefix) and k.split(".")[1] not in present})
+        if dropped:
+            for key in [k for k in state if k.startswith(prefix) and k.split(".")[1] in dropped]:
+                del state[key]
+            rank_zero_info(f"lt_finetune: the checkpoint's extra modules {dropped} are not used by this model.")
+
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint offline: the weights come from the checkpoint, so pretrained ones are not loaded.
@@ -260,12 +317,18 @@ def _metrics(task: Task, num_classes: int) -> MetricCollection:
         }
         if num_classes >= 5:
             metrics["top5"] = Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
-        return MetricCollection(metrics)
+        return _collection(metrics)
     if task == "multilabel":
-        return MetricCollection(
+        return _collection(
             {
                 "acc": Accuracy(task="multilabel", num_labels=num_classes),
                 "f1": F1Score(task="multilabel", num_labels=num_classes, average="macro"),
             }
         )
-    return MetricCollection({"acc": Accuracy(task="binary"), "f1": F1Score(task="binary")})
+    return _collection({"acc": Accuracy(task="binary"), "f1": F1Score(task="binary")})
+
+
+def _collection(metrics: dict[str, Any]) -> MetricCollection:
+    # No compute groups: torchmetrics merges metrics whose states are equal after the first update, and a first
+    # batch of one class makes macro F1 and top-5 accuracy look alike; merged, top-5 then reported plain accuracy.
+    return MetricCollection(metrics, compute_groups=False)

@@ -10,15 +10,15 @@ start (:func:`split_param_groups`), keeping its class and hyper-parameters.
 **Nominal and applied learning rates.** Schedulers compute *nominal* learning rates; a callback may scale
 them per group (layer-wise decay, warm-up after unfreezing, 0 while frozen). The applied rate lives in
 ``group["lr"]`` (what the optimizer uses and ``LearningRateMonitor`` logs) and the nominal one in
-``group["nominal_lr"]``. :func:`attach_lr_scaling` makes a scheduler step on the nominal rates and re-apply
-the factors afterwards, so every torch scheduler (recursive ones such as ``ExponentialLR`` or
-``ReduceLROnPlateau`` included) produces exactly ``scheduler value x factor``. Both keys are saved with the
-optimizer state, so resuming is exact.
+``group["nominal_lr"]``; the factor in ``group["lr_factor"]``, plain data as timm's ``lr_scale``.
+:func:`attach_lr_scaling` makes a scheduler step on the nominal rates and re-apply the factors afterwards, so every
+torch scheduler (recursive ones such as ``ExponentialLR`` or ``ReduceLROnPlateau`` included) produces exactly
+``scheduler value x factor``. The keys are saved with the optimizer state, so resuming is exact; nothing is kept
+outside the optimizer and its schedulers, and :func:`detach_lr_scaling` undoes everything at the end of a fit.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,17 +29,20 @@ from torch.optim import Optimizer
 from lt_finetune.groups import HEAD, LayerGroup
 
 NOMINAL_LR = "nominal_lr"
+LR_FACTOR = "lr_factor"
 LAYER_GROUP = "layer_group"
 NO_DECAY_SUFFIX = "/no_decay"
 
 __all__ = [
     "LAYER_GROUP",
+    "LR_FACTOR",
     "NOMINAL_LR",
     "add_param_groups",
     "apply_lr_factors",
     "attach_lr_scaling",
     "build_param_groups",
     "detach_lr_scaling",
+    "is_lr_scaled",
     "is_no_decay",
     "split_param_groups",
 ]
@@ -53,17 +56,23 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_param_groups(
-    groups: Sequence[LayerGroup], head: Sequence[tuple[str, nn.Parameter]], weight_decay: float | None
+    groups: Sequence[LayerGroup],
+    head: Sequence[tuple[str, nn.Parameter]],
+    weight_decay: float | None,
+    extras: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Param groups following the contract: one per layer group and ``"head"``, plus ``/no_decay`` companions.
+    """Param groups following the contract: one per layer group, ``"head"`` and extra module, with ``/no_decay``
+    companions.
 
     Args:
         groups: The backbone's layer groups, input side first.
         head: Named parameters of the head.
         weight_decay: Set on the decay groups; ``None`` leaves it to the optimizer's default. With ``0`` there
             are no companions.
+        extras: Named parameters of each extra trainable module (``lt_finetune.extras``), by module name.
     """
     named = [(g.name, list(zip(g.param_names, g.params))) for g in groups] + [(HEAD, list(head))]
+    named += [(name, list(params)) for name, params in (extras or {}).items()]
     split = weight_decay != 0
     result: list[dict[str, Any]] = []
     for name, params in named:
@@ -183,50 +192,79 @@ def _repoint_schedulers(schedulers: Iterable[Any], sources: Sequence[int], old_c
 
 # --- nominal and applied learning rates ---------------------------------------------------------------------------
 
-_FACTORS: weakref.WeakKeyDictionary[Optimizer, LRFactor] = weakref.WeakKeyDictionary()
-_WRAPPED: dict[type, type] = {}
-
 
 def apply_lr_factors(optimizer: Optimizer, factor: LRFactor | None = None) -> None:
-    """Set ``group["lr"] = group["nominal_lr"] x factor(group["layer_group"])`` for every group.
+    """Set ``group["lr"] = group["nominal_lr"] x group["lr_factor"]`` for every group.
 
-    With ``factor=None`` the function registered by :func:`attach_lr_scaling` is used. Groups seen for the first
-    time take their current ``lr`` as nominal.
+    With ``factor``, first store ``factor(group["layer_group"])`` as each group's ``lr_factor``; without it the
+    stored factors are used (1 where none is stored). Groups seen for the first time take their current ``lr``
+    as nominal. Factors are plain data in the param groups, like timm's ``lr_scale``: nothing is registered.
+
+    Example::
+
+        >>> opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "layer_group": "stem"}], lr=0.1)
+        >>> apply_lr_factors(opt, lambda layer: 0.5)
+        >>> opt.param_groups[0]["lr"], opt.param_groups[0]["nominal_lr"], opt.param_groups[0]["lr_factor"]
+        (0.05, 0.1, 0.5)
     """
-    factor = factor or _FACTORS.get(optimizer)
     for group in optimizer.param_groups:
         nominal = group.setdefault(NOMINAL_LR, float(group["lr"]))
-        scale = factor(group.get(LAYER_GROUP, HEAD)) if factor is not None else 1.0
-        group["lr"] = _like(group["lr"], nominal * scale)
+        if factor is not None:
+            group[LR_FACTOR] = float(factor(group.get(LAYER_GROUP, HEAD)))
+        group["lr"] = _like(group["lr"], nominal * group.get(LR_FACTOR, 1.0))
 
 
 def attach_lr_scaling(optimizer: Optimizer, factor: LRFactor, schedulers: Iterable[Any]) -> None:
-    """Register ``factor`` for ``optimizer`` and make ``schedulers`` step on nominal learning rates.
+    """Store ``factor`` in ``optimizer``'s param groups and make ``schedulers`` step on nominal learning rates.
 
-    Each scheduler instance gets a subclass of its own class whose ``step`` puts the nominal rates in place,
-    steps, records the new nominal rates and applies the factors again. The scheduler's state (and so its
-    ``state_dict``) is untouched; ``isinstance`` checks still hold.
+    Each scheduler instance gets a subclass of its own class, made for this call, whose ``step`` puts the nominal
+    rates in place, steps, records the new nominal rates and applies the stored factors again. The scheduler's
+    state (and so its ``state_dict``) is untouched, ``isinstance`` checks still hold, and it pickles as an
+    instance of its own class. :func:`detach_lr_scaling` undoes it.
     """
-    _FACTORS[optimizer] = factor
     for scheduler in schedulers:
-        cls = type(scheduler)
-        if getattr(cls, "_lt_finetune_wrapped", False):
+        if is_lr_scaled(scheduler):
             continue
-        if cls not in _WRAPPED:
-            _WRAPPED[cls] = type(cls.__name__, (cls,), {"step": _scaled_step, "_lt_finetune_wrapped": True})
-            _WRAPPED[cls].__module__ = cls.__module__
-            _WRAPPED[cls].__qualname__ = cls.__qualname__
-        scheduler.__class__ = _WRAPPED[cls]
-    apply_lr_factors(optimizer)
+        cls = type(scheduler)
+        scaled = type(
+            cls.__name__,
+            (cls,),
+            {"step": _scaled_step, "__reduce_ex__": _reduce_as_base, _BASE_ATTR: cls, "__module__": cls.__module__},
+        )
+        scaled.__qualname__ = cls.__qualname__
+        scheduler.__class__ = scaled
+    apply_lr_factors(optimizer, factor)
 
 
 def detach_lr_scaling(optimizer: Optimizer, schedulers: Iterable[Any]) -> None:
-    """Undo :func:`attach_lr_scaling`: schedulers step on ``group["lr"]`` again (which stays as applied)."""
-    _FACTORS.pop(optimizer, None)
+    """Undo :func:`attach_lr_scaling`: schedulers get their own class back and step on ``group["lr"]`` again.
+
+    ``group["lr"]`` keeps the applied rate (what the last step used); the ``lr_factor`` keys are removed.
+    """
     for scheduler in schedulers:
-        cls = type(scheduler)
-        if getattr(cls, "_lt_finetune_wrapped", False):
-            scheduler.__class__ = cls.__bases__[0]
+        base = type(scheduler).__dict__.get(_BASE_ATTR)
+        if base is not None:
+            scheduler.__class__ = base
+    for group in optimizer.param_groups:
+        group.pop(LR_FACTOR, None)
+
+
+def is_lr_scaled(scheduler: Any) -> bool:
+    """Whether :func:`attach_lr_scaling` is in effect on ``scheduler``."""
+    return _BASE_ATTR in type(scheduler).__dict__
+
+
+_BASE_ATTR = "_lt_finetune_base"
+
+
+def _reduce_as_base(self: Any, protocol: Any) -> Any:
+    # Pickle (and deepcopy) as an instance of the scheduler's own class: the subclass exists only for one fit.
+    base = type(self).__dict__[_BASE_ATTR]
+    return _new_instance, (base,), self.__dict__.copy()
+
+
+def _new_instance(cls: type[Any]) -> Any:
+    return object.__new__(cls)
 
 
 def _scaled_step(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -17,8 +17,9 @@ import lightning.pytorch as pl
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from lt_finetune.callbacks._finetune import _Coordinator, _LayerGroupCallback
+from lt_finetune.coordinator import Coordinator
 from lt_finetune.optim import LAYER_GROUP, detach_lr_scaling
+from lt_finetune.policy import FinetunePolicy
 
 __all__ = ["SchedulePlan", "preview_schedule"]
 
@@ -129,15 +130,13 @@ def preview_schedule(
     """
     if max_epochs < 1 or steps_per_epoch < 1:
         raise ValueError(f"Expected positive `max_epochs` and `steps_per_epoch`, got {max_epochs}, {steps_per_epoch}.")
-    ours = [c for c in callbacks if isinstance(c, _LayerGroupCallback)]
+    ours = [c for c in callbacks if isinstance(c, FinetunePolicy)]
     if not ours:
         raise ValueError("Expected at least one lt_finetune callback (FreezeBackbone, GradualUnfreeze, LayerwiseLR).")
     model = copy.deepcopy(model)
     ours = copy.deepcopy(ours)
     total = max_epochs * steps_per_epoch
-    coordinator = _Coordinator(model, ours[0].backbone, type(ours[0]).__name__)
-    for callback in ours:
-        coordinator.register(callback)
+    coordinator = Coordinator(model, ours[0].backbone, ours, type(ours[0]).__name__)
     coordinator.apply(0, 0, training=False)
     optimizer, schedulers = _optimizer_and_schedulers(model, total)
     coordinator.attach_optimizer(optimizer, [s for s, _ in schedulers])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,12 +68,53 @@ def test_every_callback_builds_from_yaml_through_the_cli(
         assert callback["init_args"][key] == value
 
 
+def _help(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_all_six_subcommands(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help([flag], capsys)
+    listed = re.findall(r"^ {4}(\w+) +\S", out, flags=re.MULTILINE)  # "    name   description", one per subcommand
+    assert listed == ["fit", "validate", "test", "predict", "groups", "preview"]
+    assert re.search(r"^ +groups +Print the layer groups of a backbone", out, flags=re.MULTILINE)
+    assert re.search(r"^ +preview +Compute and plot the fine-tuning plan", out, flags=re.MULTILINE)
+
+
+def test_groups_and_preview_have_their_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    groups = _help(["groups", "--help"], capsys)
+    assert "groups [--model.backbone BACKBONE] [--config CONFIG]" in " ".join(groups.split())
+    assert "--trainer" not in groups  # groups needs only a name, not a fit config
+    preview = _help(["preview", "--help"], capsys)
+    for option in ("--output", "--steps_per_epoch", "--config", "--trainer.max_epochs", "--model.backbone", "--data"):
+        assert re.search(rf"^ +(-\w [A-Z_]+, )?{option} ", preview, flags=re.MULTILINE), option
+
+
 def test_groups_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["groups", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "layer4.1" in out and "9 groups" in out
     assert main(["groups", "--model.backbone", "torchvision/resnet18"]) == 0
     assert "5 groups" in capsys.readouterr().out  # the classifier is not part of the backbone
+    assert main(["groups", "--config", str(TINY)]) == 0  # the config's model.backbone: resnet18
+    assert "Layer groups of resnet18" in capsys.readouterr().out
+
+
+def test_groups_without_a_name_says_how_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["groups"])
+    assert exit_info.value.code == 2
+    assert "name a backbone: `lt-finetune groups resnet18`" in capsys.readouterr().err
+
+
+def test_preview_with_steps_per_epoch_needs_no_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "plan.png"
+    assert main(["preview", "--config", str(TINY), "--steps_per_epoch", "3", "--output", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "6 steps (3 per epoch)" in out and png.exists()
 
 
 def test_preview_command(tmp_path: Path, animal_mnist: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,4 +137,25 @@ def test_bad_argument_is_reported_before_training(tmp_path: Path) -> None:
         "--trainer.callbacks.decay=1.5", "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "Expected `decay` to be in (0, 1], got 1.5." in result.stdout + result.stderr
+    assert "Expected `decay` to be in (0.0, 1.0], got 1.5." in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("class_path", "init_args"),
+    [("extending.ThawAfterSteps", {"steps": 3, "head_factor": 4.0}), ("extending.FeatureNormPenalty", {"weight": 0.5})],
+    ids=["example_policy", "example_loss_term"],
+)
+def test_callbacks_written_against_public_names_build_from_yaml(
+    tmp_path: Path, class_path: str, init_args: dict[str, float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(TINY) as f:
+        config = yaml.safe_load(f)
+    config["trainer"]["callbacks"] = [{"class_path": class_path, "init_args": init_args}]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert callback["class_path"] == class_path
+    assert {k: callback["init_args"][k] for k in init_args} == init_args

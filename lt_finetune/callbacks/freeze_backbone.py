@@ -7,13 +7,14 @@ from typing import Any, Literal
 
 from typing_extensions import override
 
-from lt_finetune.callbacks._finetune import _LayerGroupCallback, check_bn_mode
 from lt_finetune.groups import match_groups
+from lt_finetune.policy import FinetunePolicy
+from lt_finetune.validation import check_names, check_optional_int
 
 __all__ = ["FreezeBackbone"]
 
 
-class FreezeBackbone(_LayerGroupCallback):
+class FreezeBackbone(FinetunePolicy):
     """Freeze the backbone (or some of its layer groups) from the start; optionally unfreeze it all later.
 
     With ``unfreeze_at_epoch`` (or ``unfreeze_at_step``) this is the linear-probe-then-fine-tune recipe
@@ -38,6 +39,7 @@ class FreezeBackbone(_LayerGroupCallback):
             normalises with batch statistics without updating them. See ``lt_finetune.freezing``.
 
     Raises:
+        TypeError: For arguments of the wrong type.
         ValueError: For negative epochs or steps, both unfreeze arguments, an unknown ``bn_mode``; at fit start,
             for a pattern matching no group, a missing backbone or an unsupported strategy.
 
@@ -56,40 +58,30 @@ class FreezeBackbone(_LayerGroupCallback):
         unfreeze_at_step: int | None = None,
         bn_mode: Literal["eval", "train", "batch_stats"] = "eval",
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, bn_mode)
         if unfreeze_at_epoch is not None and unfreeze_at_step is not None:
             raise ValueError(
                 "Expected at most one of `unfreeze_at_epoch` and `unfreeze_at_step`, got both "
                 f"({unfreeze_at_epoch}, {unfreeze_at_step})."
             )
-        for arg, value in (("unfreeze_at_epoch", unfreeze_at_epoch), ("unfreeze_at_step", unfreeze_at_step)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"Expected `{arg}` to be a non-negative integer, got {value!r}.")
-        if groups is not None and (isinstance(groups, str) or len(groups) == 0):
-            raise ValueError(f"Expected `groups` to be a non-empty list of names or patterns, got {groups!r}.")
-        check_bn_mode(bn_mode)
-        self.groups = list(groups) if groups is not None else None
-        self.unfreeze_at_epoch = unfreeze_at_epoch
-        self.unfreeze_at_step = unfreeze_at_step
-        self.bn_mode = bn_mode
-        self.frozen_bn_mode = bn_mode
+        self.groups = check_names("groups", groups, allow_none=True)
+        self.unfreeze_at_epoch = check_optional_int("unfreeze_at_epoch", unfreeze_at_epoch, 0)
+        self.unfreeze_at_step = check_optional_int("unfreeze_at_step", unfreeze_at_step, 0)
         self._selected: list[str] = []
         self.unfrozen_at_step: int | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(backbone=self.backbone, groups=self.groups)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(backbone={self.backbone!r}, groups={self.groups!r}, "
-            f"unfreeze_at_epoch={self.unfreeze_at_epoch!r}, unfreeze_at_step={self.unfreeze_at_step!r}, "
-            f"bn_mode={self.bn_mode!r})"
-        )
+    def config(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "groups": self.groups,
+            "unfreeze_at_epoch": self.unfreeze_at_epoch,
+            "unfreeze_at_step": self.unfreeze_at_step,
+            "bn_mode": self.bn_mode,
+        }
 
     @override
-    def validate(self, names: Sequence[str]) -> None:
+    def validate(self, names: Sequence[str], extras: Sequence[str]) -> None:
         if self.groups is None:
             self._selected = list(names)
         else:

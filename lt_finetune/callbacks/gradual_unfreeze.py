@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from typing_extensions import override
 
-from lt_finetune.callbacks._finetune import _LayerGroupCallback
 from lt_finetune.groups import match_groups
+from lt_finetune.policy import FinetunePolicy
+from lt_finetune.validation import check_int, check_optional_int
 
 __all__ = ["GradualUnfreeze"]
 
 
-class GradualUnfreeze(_LayerGroupCallback):
+class GradualUnfreeze(FinetunePolicy):
     """Train the head first, then unfreeze the backbone's layer groups from the output side down.
 
     Stage ``s`` (``s = epoch // every_n_epochs`` or ``global_step // every_n_steps``) has the top
@@ -26,7 +27,8 @@ class GradualUnfreeze(_LayerGroupCallback):
 
     Groups a schedule never names stay frozen. The optimizer keeps one param group per layer group from the
     first step (frozen ones at learning rate 0), so schedulers never see groups appear; see
-    ``lt_finetune.optim``. Frozen BatchNorm layers stay in eval mode (``FreezeBackbone``'s default policy).
+    ``lt_finetune.optim``. Frozen BatchNorm layers follow ``bn_mode`` (eval mode by default, as in
+    ``FreezeBackbone``).
 
     Args:
         backbone: Attribute path of the pretrained part on the LightningModule.
@@ -36,6 +38,8 @@ class GradualUnfreeze(_LayerGroupCallback):
         schedule: Explicit epochs at which named groups are unfrozen; replaces ``every_n_*``.
         warmup_steps: Ramp a newly unfrozen group's learning rate linearly over this many steps (``1/W, 2/W,
             ..., 1`` times its value); ``0`` switches it on at full rate.
+        bn_mode: What the BatchNorm layers of frozen groups do: ``"eval"``, ``"train"`` or ``"batch_stats"`` (see
+            ``lt_finetune.freezing``).
 
     Example::
 
@@ -53,8 +57,9 @@ class GradualUnfreeze(_LayerGroupCallback):
         groups_per_stage: int = 1,
         schedule: Mapping[int, Sequence[str]] | None = None,
         warmup_steps: int = 0,
+        bn_mode: Literal["eval", "train", "batch_stats"] = "eval",
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, bn_mode)
         if schedule is None and (every_n_epochs is None) == (every_n_steps is None):
             raise ValueError(
                 "Expected exactly one of `every_n_epochs` and `every_n_steps` (or a `schedule`), got "
@@ -62,13 +67,10 @@ class GradualUnfreeze(_LayerGroupCallback):
             )
         if schedule is not None and (every_n_epochs is not None or every_n_steps is not None):
             raise ValueError("Expected either `schedule` or `every_n_epochs`/`every_n_steps`, got both.")
-        for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Expected `{arg}` to be a positive integer, got {value!r}.")
-        if not isinstance(groups_per_stage, int) or groups_per_stage < 1:
-            raise ValueError(f"Expected `groups_per_stage` to be a positive integer, got {groups_per_stage!r}.")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"Expected `warmup_steps` to be a non-negative integer, got {warmup_steps!r}.")
+        check_optional_int("every_n_epochs", every_n_epochs, 1)
+        check_optional_int("every_n_steps", every_n_steps, 1)
+        check_int("groups_per_stage", groups_per_stage, 1)
+        check_int("warmup_steps", warmup_steps, 0)
         parsed: dict[int, list[str]] | None = None
         if schedule is not None:
             parsed = {}
@@ -79,7 +81,7 @@ class GradualUnfreeze(_LayerGroupCallback):
                     raise ValueError(f"Expected `schedule` keys to be epochs (integers), got {key!r}.") from None
                 if epoch < 0:
                     raise ValueError(f"Expected `schedule` epochs to be non-negative, got {epoch}.")
-                if isinstance(names, str) or not names:
+                if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
                     raise ValueError(
                         f"Expected `schedule[{epoch}]` to be a non-empty list of group names or patterns, "
                         f"got {names!r}."
@@ -93,15 +95,20 @@ class GradualUnfreeze(_LayerGroupCallback):
         self._scheduled: dict[int, list[str]] = {}
         self.unfrozen_at: dict[str, int] = {}
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(backbone={self.backbone!r}, every_n_epochs={self.every_n_epochs!r}, "
-            f"every_n_steps={self.every_n_steps!r}, groups_per_stage={self.groups_per_stage!r}, "
-            f"schedule={self.schedule!r}, warmup_steps={self.warmup_steps!r})"
-        )
+    @override
+    def config(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "every_n_epochs": self.every_n_epochs,
+            "every_n_steps": self.every_n_steps,
+            "groups_per_stage": self.groups_per_stage,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
+            "bn_mode": self.bn_mode,
+        }
 
     @override
-    def validate(self, names: Sequence[str]) -> None:
+    def validate(self, names: Sequence[str], extras: Sequence[str]) -> None:
         if self.schedule is not None:
             self._scheduled = {
                 epoch: match_groups(patterns, names, argument="schedule", owner=type(self).__name__)

@@ -1,10 +1,11 @@
-"""Shared pieces of the image datamodules: argument checks, stratified splits, loaders and the Mixup hook.
+"""Shared pieces of the image datamodules: their common arguments, stratified splits, loaders and the Mixup hook.
 
-The split helpers are pure functions of class labels and a seed, so they are tested without a Trainer.
+The split helpers and :func:`mix_labelled_batch` are pure functions, so they are tested without a Trainer.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,39 +18,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
+from lt_finetune.validation import check_bool, check_float, check_int
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``, else raise.
-
-    Raises:
-        TypeError: If ``value`` is not an int.
-        ValueError: If ``value`` is below ``minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be an int, got {value!r} of type {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value}.")
-    return value
-
-
-def check_float(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    """Return ``value`` as a float if it lies in ``[low, high]`` (``(low, high]`` when ``low_open``), else raise.
-
-    Raises:
-        TypeError: If ``value`` is not a real number.
-        ValueError: If ``value`` lies outside the interval.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected `{name}` to be a float, got {value!r} of type {type(value).__name__}.")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high or math.isnan(value):
-        interval = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
-        raise ValueError(f"Expected `{name}` to be in {interval}, got {value}.")
-    return value
 
 
 def resolve_mean_std(
@@ -159,6 +131,60 @@ def mix_batch(mixup: Mixup, images: Tensor, targets: Tensor) -> tuple[Tensor, Te
     return torch.cat((head_images, images[even:])), torch.cat((head_targets, tail_targets))
 
 
+def _is_class_index_batch(batch: object) -> bool:
+    """Whether ``batch`` is a tuple or list starting with images ``[B, ...]`` and integer class indices ``[B]``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return False
+    images, targets = batch[0], batch[1]
+    if not isinstance(images, Tensor) or not isinstance(targets, Tensor) or images.ndim == 0 or targets.ndim != 1:
+        return False
+    integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    return integer and targets.shape[0] == images.shape[0]
+
+
+def mix_labelled_batch(mixup: Mixup, batch: Any) -> Any:
+    """Apply :func:`mix_batch` to the labelled images of ``batch``, whatever else the batch holds.
+
+    The rule, which the datamodules' Mixup/CutMix hook follows:
+
+    - A tuple or list whose first entry is images ``[B, ...]`` and whose second is integer class indices ``[B]``
+      gets those two mixed (the targets become soft ``[B, num_classes]``); further entries, such as sample
+      indices in ``(x, y, index)``, are kept unchanged. The result has the batch's type.
+    - A dict (as Lightning's ``CombinedLoader`` yields, e.g. ``{"source": (x, y), "target": (x_t,)}``) is mixed
+      at the key ``"source"`` only, by the tuple rule; the other keys, such as an unlabelled target-domain
+      stream, are kept unchanged. A dict without ``"source"`` is returned unchanged.
+    - Anything else, including a batch whose second entry is not an integer class-index tensor (soft targets
+      already, or an unlabelled ``(x,)``), is returned unchanged.
+
+    A mixed batch is a new tuple, list or dict; the image tensor itself is mixed in place, as timm's Mixup does.
+
+    Example::
+
+        >>> mixup = Mixup(mixup_alpha=1.0, num_classes=3)
+        >>> images, labels, index = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]), torch.arange(4)
+        >>> mixed, soft, same = mix_labelled_batch(mixup, (images, labels, index))
+        >>> tuple(soft.shape), same is index
+        ((4, 3), True)
+        >>> out = mix_labelled_batch(mixup, {"source": (images, labels), "target": (images,)})
+        >>> tuple(out["source"][1].shape), out["target"][0] is images
+        ((4, 3), True)
+    """
+    if isinstance(batch, dict):
+        if "source" not in batch:
+            return batch
+        mixed = copy.copy(batch)  # keeps the mapping's type and its other entries as they are
+        mixed["source"] = mix_labelled_batch(mixup, batch["source"])
+        return mixed
+    if not _is_class_index_batch(batch):
+        return batch
+    images, targets = mix_batch(mixup, batch[0], batch[1])
+    items = [images, targets, *batch[2:]]
+    if isinstance(batch, list):
+        return type(batch)(items)
+    make = getattr(type(batch), "_make", None)  # a namedtuple keeps its type and field names
+    return make(items) if make is not None else tuple(items)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
 
@@ -187,35 +213,57 @@ class EpochShuffleSampler(Sampler[int]):
 class ImageDataModuleBase(LightningDataModule):
     """Loaders, normalisation settings and the Mixup/CutMix hook shared by the image datamodules.
 
+    The arguments below are those every image datamodule shares; a subclass takes its own arguments and
+    forwards the rest with ``**kwargs``, so they are stated and checked once, here. LightningCLI still lists each
+    of them, with its type, default and help, under the subclass (jsonargparse follows ``**kwargs`` into
+    ``super().__init__``).
+
+    With ``mixup_alpha`` or ``cutmix_alpha`` > 0, training batches are mixed on the device by timm's
+    :class:`~timm.data.Mixup` and their targets become soft float ``[B, num_classes]``: the model's loss must
+    accept soft targets. Batches other than ``(images, targets)`` follow the rule of :func:`mix_labelled_batch`:
+    further tuple entries are kept, and a dict batch is mixed at its ``"source"`` key only.
+
     Subclasses check their data in :meth:`setup`, fill ``train_dataset``, ``val_dataset`` and ``test_dataset``
     (``None`` when absent), and define :attr:`classes`.
+
+    Args:
+        image_size: Side of the square images fed to the model, in pixels.
+        batch_size: Images per batch.
+        num_workers: Loader worker processes; workers persist across epochs when > 0.
+        seed: Seed of the training shuffle and of the subclass's random splits (its documentation says which).
+        mean: Per-channel normalisation mean; ``None`` for ImageNet's ``(0.485, 0.456, 0.406)``.
+        std: Per-channel normalisation std; ``None`` for ImageNet's ``(0.229, 0.224, 0.225)``.
+        hflip: Flip training images horizontally with probability 0.5.
+        mixup_alpha: Mixup's beta-distribution alpha; 0 turns Mixup off.
+        cutmix_alpha: CutMix's beta-distribution alpha; 0 turns CutMix off.
+        label_smoothing: Label smoothing of the mixed targets; needs Mixup or CutMix.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an argument is out of range, or ``label_smoothing`` > 0 without Mixup or CutMix.
     """
 
     def __init__(
         self,
         *,
-        image_size: int,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        hflip: bool,
-        mixup_alpha: float,
-        cutmix_alpha: float,
-        label_smoothing: float,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        hflip: bool = True,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_size = check_int("image_size", image_size, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.num_workers = check_int("num_workers", num_workers, 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected `seed` to be an int, got {seed!r} of type {type(seed).__name__}.")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         self.mean, self.std = resolve_mean_std(mean, std)
-        if not isinstance(hflip, bool):
-            raise TypeError(f"Expected `hflip` to be a bool, got {hflip!r} of type {type(hflip).__name__}.")
-        self.hflip = hflip
+        self.hflip = check_bool("hflip", hflip)
         self.mixup_alpha = check_float("mixup_alpha", mixup_alpha, 0.0)
         self.cutmix_alpha = check_float("cutmix_alpha", cutmix_alpha, 0.0)
         self.label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -299,7 +347,9 @@ class ImageDataModuleBase(LightningDataModule):
         """Mix training batches on the device when ``mixup_alpha`` or ``cutmix_alpha`` is > 0.
 
         Targets then become soft float ``[B, num_classes]`` (label-smoothed by ``label_smoothing``); the model's
-        loss must accept them. Validation, test and predict batches keep their int64 class indices.
+        loss must accept them. Validation, test and predict batches keep their int64 class indices. Which part of
+        a batch is mixed follows :func:`mix_labelled_batch`: the first two entries of a tuple or list (the rest
+        kept), the ``"source"`` entry of a dict, and nothing of a batch without integer class indices.
         """
         trainer = self.trainer
         if not self.mixup_enabled or trainer is None or not trainer.training:
@@ -311,5 +361,4 @@ class ImageDataModuleBase(LightningDataModule):
                 label_smoothing=self.label_smoothing,
                 num_classes=self.num_classes,
             )
-        images, targets = batch
-        return mix_batch(self._mixup, images, targets)
+        return mix_labelled_batch(self._mixup, batch)

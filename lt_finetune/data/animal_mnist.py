@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lt_finetune.data._common import ImageDataModuleBase, check_int, stratified_split
+from lt_finetune.data._common import ImageDataModuleBase, stratified_split
+from lt_finetune.validation import check_int, check_optional_int
 
 __all__ = ["ANIMAL_MNIST_CLASSES", "AnimalMNISTDataModule"]
 
@@ -178,26 +179,19 @@ class AnimalMNISTDataModule(ImageDataModuleBase):
     are then scaled to [0, 1], repeated to 3 channels, normalised with ``mean``/``std`` and, for training,
     flipped horizontally at random (``hflip``).
 
-    With ``mixup_alpha`` or ``cutmix_alpha`` > 0, training batches are mixed on the device by timm's
-    :class:`~timm.data.Mixup` and their targets become soft float ``[B, num_classes]``: the model's loss must
-    accept soft targets.
+    Loading, normalisation, ``hflip`` and Mixup/CutMix are set by the shared arguments of
+    :class:`~lt_finetune.data.ImageDataModuleBase`, documented there once.
 
     Args:
         root: Folder holding ``animal_data_version_3.gz`` and ``animal_label_version_3.gz``; ``None`` reads the
             installed ``animal-mnist`` package (``pip install --no-deps animal-mnist==0.4``).
-        image_size: Side of the square images fed to the model, in pixels.
+        image_size: Side of the square images fed to the model, in pixels (the source images are 28 px).
         train_per_class: Training images per class; ``None`` takes all that the other splits leave.
         val_per_class: Validation images per class.
         test_per_class: Test images per class.
-        batch_size: Images per batch.
-        num_workers: Loader worker processes; workers persist across epochs when > 0.
-        seed: Seed of the validation/training split and of the training shuffle.
-        mean: Per-channel normalisation mean; ``None`` for ImageNet's ``(0.485, 0.456, 0.406)``.
-        std: Per-channel normalisation std; ``None`` for ImageNet's ``(0.229, 0.224, 0.225)``.
-        hflip: Flip training images horizontally with probability 0.5.
-        mixup_alpha: Mixup's beta-distribution alpha; 0 turns Mixup off.
-        cutmix_alpha: CutMix's beta-distribution alpha; 0 turns CutMix off.
-        label_smoothing: Label smoothing of the mixed targets; needs Mixup or CutMix.
+        **kwargs: The shared arguments of ``ImageDataModuleBase`` (``batch_size``, ``num_workers``, ``seed``,
+            ``mean``, ``std``, ``hflip``, ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``); ``seed`` also
+            draws the validation/training split.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -221,32 +215,13 @@ class AnimalMNISTDataModule(ImageDataModuleBase):
         train_per_class: int | None = None,
         val_per_class: int = 90,
         test_per_class: int = 200,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        hflip: bool = True,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            mean=mean,
-            std=std,
-            hflip=hflip,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            label_smoothing=label_smoothing,
-        )
+        super().__init__(image_size=image_size, **kwargs)
         if root is not None and not isinstance(root, (str, Path)):
             raise TypeError(f"Expected `root` to be a folder path or None, got {root!r} of type {type(root).__name__}.")
         self.root = None if root is None else str(root)
-        self.train_per_class = None if train_per_class is None else check_int("train_per_class", train_per_class, 1)
+        self.train_per_class = check_optional_int("train_per_class", train_per_class, 1)
         self.val_per_class = check_int("val_per_class", val_per_class, 1)
         self.test_per_class = check_int("test_per_class", test_per_class, 1)
 

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 from typing_extensions import override
 
-from lt_finetune.data._common import ImageDataModuleBase, check_float, stratified_fraction_split
+from lt_finetune.data._common import ImageDataModuleBase, stratified_fraction_split
+from lt_finetune.validation import check_choice, check_float
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -115,31 +116,23 @@ class ImageFolderDataModule(ImageDataModuleBase):
     that fail raise an error listing them with ``on_bad_image="error"``; with ``"skip"`` they are left out and
     one warning (on rank zero) gives their count.
 
-    With ``mixup_alpha`` or ``cutmix_alpha`` > 0, training batches are mixed on the device by timm's
-    :class:`~timm.data.Mixup` and their targets become soft float ``[B, num_classes]``: the model's loss must
-    accept soft targets.
+    Loading, normalisation, ``hflip`` and Mixup/CutMix are set by the shared arguments of
+    :class:`~lt_finetune.data.ImageDataModuleBase`, documented there once.
 
     Args:
         train_dir: Folder of training images, one sub-folder per class.
         val_dir: Folder of validation images with the same class sub-folders; ``None`` splits ``train_dir``.
         test_dir: Folder of test images with the same class sub-folders; ``None`` for no test split (predict then
             uses the validation split).
-        val_fraction: Fraction of every class held out for validation when ``val_dir`` is ``None``.
-        image_size: Side of the square images fed to the model, in pixels.
+        val_fraction: Fraction of every class held out for validation when ``val_dir`` is ``None``, in (0, 1).
         interpolation: Resize interpolation, one of ``nearest``, ``bilinear``, ``bicubic``, ``box``, ``hamming``,
             ``lanczos``.
         crop_pct: Eval centre-crop fraction; ``None`` for timm's default (0.875).
         rand_augment: timm RandAugment config string such as ``"rand-m9-mstd0.5"``; ``None`` for none.
         on_bad_image: What :meth:`setup` does with image files PIL cannot open: ``"error"`` or ``"skip"``.
-        batch_size: Images per batch.
-        num_workers: Loader worker processes; workers persist across epochs when > 0.
-        seed: Seed of the validation split and of the training shuffle.
-        mean: Per-channel normalisation mean; ``None`` for ImageNet's ``(0.485, 0.456, 0.406)``.
-        std: Per-channel normalisation std; ``None`` for ImageNet's ``(0.229, 0.224, 0.225)``.
-        hflip: Flip training images horizontally with probability 0.5.
-        mixup_alpha: Mixup's beta-distribution alpha; 0 turns Mixup off.
-        cutmix_alpha: CutMix's beta-distribution alpha; 0 turns CutMix off.
-        label_smoothing: Label smoothing of the mixed targets; needs Mixup or CutMix.
+        **kwargs: The shared arguments of ``ImageDataModuleBase`` (``image_size``, ``batch_size``,
+            ``num_workers``, ``seed``, ``mean``, ``std``, ``hflip``, ``mixup_alpha``, ``cutmix_alpha``,
+            ``label_smoothing``); ``seed`` also draws the validation split when ``val_dir`` is ``None``.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -157,33 +150,13 @@ class ImageFolderDataModule(ImageDataModuleBase):
         val_dir: str | None = None,
         test_dir: str | None = None,
         val_fraction: float = 0.2,
-        image_size: int = 224,
         interpolation: str = "bilinear",
         crop_pct: float | None = None,
         rand_augment: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        hflip: bool = True,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            mean=mean,
-            std=std,
-            hflip=hflip,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            label_smoothing=label_smoothing,
-        )
+        super().__init__(**kwargs)
         for name, value in (("train_dir", train_dir), ("val_dir", val_dir), ("test_dir", test_dir)):
             if not isinstance(value, (str, os.PathLike)) and not (value is None and name != "train_dir"):
                 allowed = "a folder path" + (" or None" if name != "train_dir" else "")
@@ -191,19 +164,13 @@ class ImageFolderDataModule(ImageDataModuleBase):
         self.train_dir = str(train_dir)
         self.val_dir = None if val_dir is None else str(val_dir)
         self.test_dir = None if test_dir is None else str(test_dir)
-        self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True)
-        if self.val_fraction == 1.0:
-            raise ValueError("Expected `val_fraction` to be in (0, 1), got 1.0.")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"Expected `interpolation` to be one of {list(_INTERPOLATIONS)}, got {interpolation!r}.")
-        self.interpolation = interpolation
+        self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        self.interpolation = check_choice("interpolation", interpolation, _INTERPOLATIONS)
         self.crop_pct = None if crop_pct is None else check_float("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
         if rand_augment is not None:
             _check_rand_augment(rand_augment)
         self.rand_augment = rand_augment
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"Expected `on_bad_image` to be 'error' or 'skip', got {on_bad_image!r}.")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_choice("on_bad_image", on_bad_image, ("error", "skip"))
         self.train_transform: Callable[[Image.Image], Tensor] = create_transform(
             self.image_size,
             is_training=True,

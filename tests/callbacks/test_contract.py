@@ -1,16 +1,20 @@
-"""The contract every exported callback meets: pickles, round-trips its state, and resumes exactly."""
+"""The contract every callback meets, ours and those written against the public names only: pickles, round-trips
+its state, resumes exactly, keeps separate checkpoint state per instance, and leaves nothing behind after a fit."""
 
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
+import weakref
 from typing import Any
 
+import extending  # examples/extending.py: written against the public names only
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tinymodels import ForeignModule, LRRecorder, flat_params, trainer
+from tinymodels import ForeignModule, LRRecorder, TermsModule, flat_params, trainer
 from torch.optim import lr_scheduler as S
 
 import lt_finetune.callbacks as callbacks_pkg
@@ -21,7 +25,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "GradualUnfreeze": {"every_n_steps": 3, "warmup_steps": 2},
     "LayerwiseLR": {"decay": 0.5},
 }
-CASES = [*callbacks_pkg.__all__, "combined"]
+CASES = [*callbacks_pkg.__all__, "combined", "two_of_a_kind", "example_policy", "example_loss_term"]
 
 
 def make(case: str) -> list[pl.Callback]:
@@ -31,7 +35,22 @@ def make(case: str) -> list[pl.Callback]:
             callbacks_pkg.GradualUnfreeze(every_n_epochs=1, warmup_steps=3),
             callbacks_pkg.LayerwiseLR(decay=0.6),
         ]
+    if case == "two_of_a_kind":  # two instances of each class: their checkpoint state must not collide
+        return [
+            callbacks_pkg.GradualUnfreeze(every_n_steps=3, warmup_steps=2),
+            callbacks_pkg.GradualUnfreeze(every_n_steps=5, warmup_steps=4),
+            callbacks_pkg.LayerwiseLR(decay=0.5),
+            callbacks_pkg.LayerwiseLR(decay=1.0, multipliers={"head": 2.0}),
+        ]
+    if case == "example_policy":
+        return [extending.ThawAfterSteps(steps=5, head_factor=3.0), callbacks_pkg.LayerwiseLR(decay=0.7)]
+    if case == "example_loss_term":
+        return [extending.FeatureNormPenalty(weight=0.05), callbacks_pkg.GradualUnfreeze(every_n_steps=4)]
     return [getattr(callbacks_pkg, case)(**ARGS[case])]
+
+
+def module(case: str, **kwargs: Any) -> pl.LightningModule:
+    return TermsModule(**kwargs) if case == "example_loss_term" else ForeignModule(**kwargs)
 
 
 def test_every_exported_callback_has_contract_arguments() -> None:
@@ -57,34 +76,71 @@ def _state(model: pl.LightningModule, trainer_: pl.Trainer) -> dict[str, Any]:
     }
 
 
+class _PickleDuringFit(pl.Callback):
+    """Pickles the callbacks and the scheduler in the middle of the fit, when the scheduler is wrapped."""
+
+    def __init__(self, others: list[pl.Callback]) -> None:
+        self.others = others
+        self.scheduler_class: type | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 3:
+            scheduler = trainer.lr_scheduler_configs[0].scheduler
+            clone = pickle.loads(pickle.dumps(scheduler))
+            self.scheduler_class = type(clone)
+            assert clone.state_dict() == scheduler.state_dict()
+            for cb in self.others:
+                pickle.loads(pickle.dumps(cb))
+                copy.deepcopy(cb)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_pickles_and_state_dict_round_trip(tmp_path: Any, case: str) -> None:
     cbs = make(case)
     for cb in cbs:
         clone = pickle.loads(pickle.dumps(cb))
         assert repr(clone) == repr(cb)
-    trainer(tmp_path, cbs, max_epochs=2).fit(ForeignModule(scheduler=_cosine))
+    probe = _PickleDuringFit(cbs)
+    model = module(case, scheduler=_cosine)
+    fit = trainer(tmp_path, [*cbs, probe], max_epochs=2)
+    fit.fit(model)
+    assert probe.scheduler_class is S.CosineAnnealingLR
+    # Nothing the callbacks attached outlives the fit: the scheduler has its own class back.
+    assert type(fit.lr_scheduler_configs[0].scheduler) is S.CosineAnnealingLR
+    assert not any("lr_factor" in g for g in fit.optimizers[0].param_groups)
     for cb in cbs:
         state = cb.state_dict()
         fresh = copy.deepcopy(make(case)[cbs.index(cb)])
         fresh.load_state_dict(pickle.loads(pickle.dumps(state)))
         assert fresh.state_dict() == state
         pickle.dumps(cb)  # still pickles after a fit
-    # Two instances of one callback class do not collide in a checkpoint.
+    # Instances never collide in a checkpoint, two of one class included.
     keys = [cb.state_key for cb in cbs]
     assert len(set(keys)) == len(keys)
+
+
+def test_state_keys_differ_by_arguments() -> None:
+    a, b = callbacks_pkg.GradualUnfreeze(every_n_steps=3), callbacks_pkg.GradualUnfreeze(every_n_steps=5)
+    assert a.state_key != b.state_key
+    assert callbacks_pkg.LayerwiseLR(decay=0.5).state_key != callbacks_pkg.LayerwiseLR(decay=0.9).state_key
+
+
+def test_identical_callbacks_are_refused(tmp_path: Any) -> None:
+    cbs = [callbacks_pkg.LayerwiseLR(decay=0.5), callbacks_pkg.LayerwiseLR(decay=0.5)]
+    with pytest.raises(ValueError, match=r"same arguments .*LayerwiseLR.*Remove the duplicate"):
+        trainer(tmp_path, cbs).fit(ForeignModule())
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("stop", ["step=6", "step=8"], ids=["mid_epoch", "epoch_boundary"])
 def test_resume_matches_uninterrupted_run(tmp_path: Any, case: str, stop: str) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    full_model = ForeignModule(scheduler=_cosine, optimizer="adamw")
+    full_model = module(case, scheduler=_cosine, optimizer="adamw")
     full_rec = LRRecorder()
     full = trainer(tmp_path / "full", [*make(case), full_rec, ckpt], enable_checkpointing=True)
     full.fit(full_model)
 
-    resumed_model = ForeignModule(scheduler=_cosine, optimizer="adamw")
+    resumed_model = module(case, scheduler=_cosine, optimizer="adamw")
     resumed_rec = LRRecorder()
     resumed = trainer(tmp_path / "resumed", [*make(case), resumed_rec])
     resumed.fit(resumed_model, ckpt_path=tmp_path / "ckpt" / f"{stop}.ckpt")
@@ -102,3 +158,36 @@ def test_resume_matches_uninterrupted_run(tmp_path: Any, case: str, stop: str) -
     # The resumed run applied, step for step, the lrs of the uninterrupted one.
     done = int(stop.split("=")[1])
     assert resumed_rec.lrs == full_rec.lrs[done:]
+
+
+def _fit_and_forget(tmp_path: Any, callbacks: list[pl.Callback]) -> weakref.ref:
+    # Lightning keeps the trainer (and so its optimizer) reachable from the model: both go out of scope here.
+    model = ForeignModule(scheduler=_cosine, optimizer="adamw")
+    fit = trainer(tmp_path, callbacks, max_epochs=1)
+    fit.fit(model)
+    return weakref.ref(fit.optimizers[0])
+
+
+def test_finished_fits_free_their_optimizers(tmp_path: Any) -> None:
+    """A sweep of fits in one process keeps no optimizer (state, parameters) alive; the callbacks are reused."""
+    callbacks = make("combined")
+    refs = [_fit_and_forget(tmp_path, callbacks) for _ in range(3)]
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+
+
+def test_constructor_arguments_win_over_the_checkpoint(tmp_path: Any) -> None:
+    """Resuming a LayerwiseLR(decay=0.5) checkpoint with decay=0.9 trains at 0.9: state holds counters only."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    trainer(tmp_path / "a", [callbacks_pkg.LayerwiseLR(decay=0.5), ckpt], enable_checkpointing=True).fit(
+        ForeignModule(scheduler=_cosine)
+    )
+    saved = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)
+    assert all("factors" not in state for state in saved["callbacks"].values())
+    callback, recorder = callbacks_pkg.LayerwiseLR(decay=0.9), LRRecorder()
+    trainer(tmp_path / "b", [callback, recorder]).fit(
+        ForeignModule(scheduler=_cosine), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt"
+    )
+    assert repr(callback) == "LayerwiseLR(backbone='backbone', decay=0.9, multipliers=None)"
+    for lrs in recorder.lrs:
+        assert lrs["5"] / lrs["head"] == pytest.approx(0.9) and lrs["0"] / lrs["head"] == pytest.approx(0.9**4)

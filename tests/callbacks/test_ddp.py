@@ -1,4 +1,5 @@
-"""Under 2-process CPU DDP (gloo), unfreezing keeps the replicas identical and frozen parameters fixed."""
+"""Under 2-process CPU DDP (gloo), unfreezing keeps the replicas identical and frozen parameters fixed, extra
+trainable modules included."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def test_replicas_stay_identical_after_unfreezing(tmp_path: Path) -> None:
     assert (r0["params"] - r1["params"]).abs().max().item() <= 1e-6
     assert r0["frozen_moved"] == 0.0 and r1["frozen_moved"] == 0.0
     assert r0["others_moved"] > 0.0  # everything else, unfrozen along the way, trained
+    # The extra module added by a callback at setup is registered with DDP: trained, and identical on both ranks.
+    assert "extra_modules.discriminator.weight" in r0["names"]
+    assert r0["discriminator_moved"] > 0.0 and r0["discriminator_moved"] == r1["discriminator_moved"]
 
 
 @pytest.mark.ddp

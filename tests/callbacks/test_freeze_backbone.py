@@ -132,12 +132,16 @@ def test_frozen_input_side_gets_no_backward_pass(tmp_path: Any, callback: pl.Cal
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="at most one of `unfreeze_at_epoch` and `unfreeze_at_step`"):
         FreezeBackbone(unfreeze_at_epoch=1, unfreeze_at_step=10)
-    with pytest.raises(ValueError, match="`unfreeze_at_epoch` to be a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match="`unfreeze_at_epoch` to be an int >= 0, got -1"):
         FreezeBackbone(unfreeze_at_epoch=-1)
+    with pytest.raises(TypeError, match="`unfreeze_at_epoch` to be an int, got True of type bool"):
+        FreezeBackbone(unfreeze_at_epoch=True)
     with pytest.raises(ValueError, match="`bn_mode` to be one of"):
         FreezeBackbone(bn_mode="frozen")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`groups` to be a non-empty list"):
+    with pytest.raises(TypeError, match="`groups` to be a list of names or patterns, got 'layer1'"):
         FreezeBackbone(groups="layer1")
+    with pytest.raises(ValueError, match="`groups` to be a non-empty list"):
+        FreezeBackbone(groups=[])
 
 
 def test_fit_time_errors_name_the_problem(tmp_path: Any) -> None:

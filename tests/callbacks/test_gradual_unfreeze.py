@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 from tinymodels import ForeignModule, LRRecorder, trainer
 
@@ -48,10 +49,10 @@ def test_warmup_ramps_newly_unfrozen_groups(tmp_path: Any) -> None:
     [
         ({}, "exactly one of `every_n_epochs` and `every_n_steps`"),
         ({"every_n_epochs": 1, "every_n_steps": 5}, "exactly one of `every_n_epochs` and `every_n_steps`"),
-        ({"every_n_epochs": 0}, "`every_n_epochs` to be a positive integer, got 0"),
-        ({"every_n_steps": -3}, "`every_n_steps` to be a positive integer, got -3"),
-        ({"every_n_epochs": 1, "groups_per_stage": 0}, "`groups_per_stage` to be a positive integer"),
-        ({"every_n_epochs": 1, "warmup_steps": -1}, "`warmup_steps` to be a non-negative integer"),
+        ({"every_n_epochs": 0}, "`every_n_epochs` to be an int >= 1, got 0"),
+        ({"every_n_steps": -3}, "`every_n_steps` to be an int >= 1, got -3"),
+        ({"every_n_epochs": 1, "groups_per_stage": 0}, "`groups_per_stage` to be an int >= 1"),
+        ({"every_n_epochs": 1, "warmup_steps": -1}, "`warmup_steps` to be an int >= 0"),
         ({"schedule": {-1: ["x"]}}, "`schedule` epochs to be non-negative, got -1"),
         ({"schedule": {1: []}}, r"`schedule\[1\]` to be a non-empty list"),
         ({"schedule": {"first": ["x"]}}, "`schedule` keys to be epochs"),
@@ -68,3 +69,23 @@ def test_schedule_pattern_matching_nothing_lists_the_groups(tmp_path: Any) -> No
         ValueError, match=r"GradualUnfreeze\(schedule=\['blocks\.\*'\]\) pattern 'blocks\.\*' matched no"
     ):
         trainer(tmp_path, [GradualUnfreeze(schedule={1: ["blocks.*"]})]).fit(ForeignModule())
+
+
+class _BNProbe(pl.Callback):
+    def __init__(self) -> None:
+        self.bn_training: list[bool] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.bn_training.append(pl_module.backbone[1].training)
+
+
+@pytest.mark.parametrize(("bn_mode", "trains"), [("eval", False), ("train", True)])
+def test_bn_mode_of_frozen_groups(tmp_path: Any, bn_mode: str, trains: bool) -> None:
+    """The BatchNorm layer sits in group "1", frozen for the whole of this 1-epoch run."""
+    model = ForeignModule()
+    recorder, probe = LRRecorder(), _BNProbe()
+    callback = GradualUnfreeze(every_n_epochs=1, bn_mode=bn_mode)  # type: ignore[arg-type]
+    trainer(tmp_path, [callback, recorder, probe], max_epochs=1).fit(model)
+    assert probe.bn_training == [trains] * 4
+    assert ("backbone.1.weight" in recorder.trainable[0]) is trains
+    assert repr(callback).endswith(f"warmup_steps=0, bn_mode={bn_mode!r})")

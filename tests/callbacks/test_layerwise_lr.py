@@ -29,14 +29,19 @@ def test_applied_in_training(tmp_path: Any) -> None:
     )
 
 
-@pytest.mark.parametrize("decay", [0, -0.5, 1.5, True])
+@pytest.mark.parametrize("decay", [0, -0.5, 1.5])
 def test_decay_out_of_range(decay: Any) -> None:
-    with pytest.raises(ValueError, match=r"Expected `decay` to be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"Expected `decay` to be in \(0.0, 1.0\]"):
         LayerwiseLR(decay=decay)
 
 
+def test_decay_of_the_wrong_type() -> None:
+    with pytest.raises(TypeError, match="Expected `decay` to be a float, got True of type bool"):
+        LayerwiseLR(decay=True)
+
+
 def test_negative_multiplier_and_unknown_pattern(tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match=r"`multipliers\['x'\]` to be a non-negative number, got -1"):
+    with pytest.raises(ValueError, match=r"`multipliers\['x'\]` to be in \[0.0, inf\), got -1"):
         LayerwiseLR(multipliers={"x": -1})
     with pytest.raises(
         ValueError, match=r"pattern 'stage9' matched no layer group; available: \['0', '1', '3', '5', 'head'\]"

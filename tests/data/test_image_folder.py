@@ -48,13 +48,13 @@ def _targets(dataset: Any) -> list[int]:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"val_fraction": 0.0}, ValueError, r"Expected `val_fraction` to be in \(0.0, 1.0\]"),
-        ({"val_fraction": 1.0}, ValueError, r"Expected `val_fraction` to be in \(0, 1\), got 1.0"),
+        ({"val_fraction": 0.0}, ValueError, r"Expected `val_fraction` to be in \(0.0, 1.0\), got 0.0"),
+        ({"val_fraction": 1.0}, ValueError, r"Expected `val_fraction` to be in \(0.0, 1.0\), got 1.0"),
         ({"interpolation": "cubic"}, ValueError, r"Expected `interpolation` to be one of \['nearest', 'bilinear'"),
         ({"crop_pct": 1.5}, ValueError, r"Expected `crop_pct` to be in \(0.0, 1.0\], got 1.5"),
         ({"rand_augment": "augmix-m5"}, ValueError, "Expected `rand_augment` to be a timm RandAugment config string"),
         ({"rand_augment": "rand-q9"}, ValueError, "Unknown RandAugment config section"),
-        ({"on_bad_image": "ignore"}, ValueError, "Expected `on_bad_image` to be 'error' or 'skip', got 'ignore'"),
+        ({"on_bad_image": "ignore"}, ValueError, r"Expected `on_bad_image` to be one of \['error', 'skip'\]"),
         ({"val_dir": 3}, TypeError, "Expected `val_dir` to be a folder path or None, got 3"),
         ({"num_workers": -1}, ValueError, "Expected `num_workers` to be an int >= 0, got -1"),
     ],

@@ -16,29 +16,37 @@ from torch.optim import lr_scheduler as S
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tinymodels import ForeignModule, tiny_data
+from tinymodels import TermsModule, tiny_data
+from torch import nn
 
-from lt_finetune.callbacks import (
-    FreezeBackbone,
-    GradualUnfreeze,
-    LayerwiseLR,
-    _finetune,
-)
+from lt_finetune.callbacks import FreezeBackbone, GradualUnfreeze, LayerwiseLR
+from lt_finetune.coordinator import Coordinator
+from lt_finetune.extras import add_trainable_module
 
 
-class Module(ForeignModule):
+class Module(TermsModule):
     def train_dataloader(self) -> DataLoader:
         # Per-rank data differs (Lightning adds a DistributedSampler), so unsynchronised gradients diverge.
         return tiny_data(n=128, batch_size=16)
 
 
+class Discriminate(pl.Callback):
+    """An extra trainable module with a loss term, added at setup: DDP must register it like any parameter."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        torch.manual_seed(1)
+        disc = add_trainable_module(pl_module, "discriminator", nn.Linear(16, 1))
+        pl_module.add_loss_term("domain", lambda out: disc(out.features).pow(2).mean())
+
+
 def main() -> None:
     out = sys.argv[1]
     if "--no-sync" in sys.argv:
-        _finetune._Coordinator.sync_gradients = lambda self, trainer: None  # type: ignore[method-assign]
+        Coordinator.sync_gradients = lambda self, step: None  # type: ignore[method-assign]
     model = Module(scheduler=lambda o: S.CosineAnnealingLR(o, T_max=12), optimizer="adamw")
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     callbacks: list[Any] = [
+        Discriminate(),
         FreezeBackbone(groups=["0"]),  # never unfrozen: must not move
         GradualUnfreeze(every_n_steps=2),
         LayerwiseLR(decay=0.5),
@@ -62,13 +70,18 @@ def main() -> None:
     others_moved = min(
         (p.detach() - initial[n]).abs().max().item()
         for n, p in model.named_parameters()
-        if not n.startswith("backbone.0.")
+        if not n.startswith("backbone.0.") and n in initial
     )
+    torch.manual_seed(1)
+    disc_initial = nn.Linear(16, 1).weight.detach()
+    disc_moved = (model.extra_modules.discriminator.weight.detach() - disc_initial).abs().max().item()
     torch.save(
         {
             "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
             "frozen_moved": frozen_moved,
             "others_moved": others_moved,
+            "discriminator_moved": disc_moved,
+            "names": [n for n, _ in model.named_parameters()],
             "steps": trainer.global_step,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),
