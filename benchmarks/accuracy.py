@@ -17,9 +17,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
-from benchmarks.common import EpochEval, Settings, make_trainer, scratch_dir, weights_path
+from benchmarks.common import EpochEval, Settings, accuracy, make_trainer, scratch_dir, weights_path
 from benchmarks.recipes import LR_TABLE, RECIPES, build, load_hparams
 from lt_finetune.data._common import stratified_split
 from lt_finetune.data.animal_mnist import AnimalMNISTDataModule
@@ -30,12 +30,33 @@ TEST_PER_CLASS = 200
 FALLBACK_PICK = "layerwise_lr"
 
 
-def datamodule(per_class: int, seed: int) -> AnimalMNISTDataModule:
-    """The protocol's datamodule: ``per_class`` training images per class drawn with ``seed``, fixed test split."""
+class Cycled(Dataset):
+    """``dataset`` repeated to ``length`` items (item ``i`` is ``dataset[i % len(dataset)]``): with a shuffling
+    loader, a small labelled set then gives as many optimizer steps per epoch as a large one (equal compute)."""
+
+    def __init__(self, dataset: Any, length: int) -> None:
+        self.dataset = dataset
+        self.length = max(int(length), len(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
+def datamodule(per_class: int, seed: int, equal_steps_to: int | None = None) -> AnimalMNISTDataModule:
+    """The protocol's datamodule: ``per_class`` training images per class drawn with ``seed``, fixed test split.
+
+    With ``equal_steps_to``, the training images are cycled to ``equal_steps_to`` per class, so every size runs
+    the optimizer steps of that size.
+    """
     dm = AnimalMNISTDataModule(
         train_per_class=per_class, val_per_class=1, test_per_class=TEST_PER_CLASS, image_size=64, seed=seed, hflip=True
     )
     dm.setup("fit")
+    if equal_steps_to is not None and equal_steps_to > per_class:
+        dm.train_dataset = Cycled(dm.train_dataset, equal_steps_to * NUM_CLASSES)
     return dm
 
 
@@ -65,14 +86,17 @@ def train_recipe(
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     root = scratch_dir()
-    model, callbacks = build(name, hparams, weights, NUM_CLASSES, root, settings.epochs)
+    steps = len(dm.train_dataloader())
+    model, callbacks = build(name, hparams, weights, NUM_CLASSES, root, settings.epochs, steps)
     evaluator = EpochEval(eval_loader, every_epoch=every_epoch, limit_batches=settings.limit_test_batches)
     trainer = make_trainer(
         root, [*callbacks, evaluator], max_epochs=settings.epochs, limit_train_batches=settings.limit_train_batches
     )
     trainer.fit(model, datamodule=dm)
     history = evaluator.history
-    return {"history": history, "final": history[-1], "wall_s": time.perf_counter() - start}
+    # Scored after the fit, on the weights the fit ends with (the average, for EMA: it swaps them in at the end).
+    final = accuracy(model, eval_loader, settings.limit_test_batches)
+    return {"history": history, "final": final, "wall_s": time.perf_counter() - start}
 
 
 def available_recipes(names: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -101,9 +125,10 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
         if size not in (settings.main_per_class, settings.few_per_class):
             plan.append((size, efficiency))
     runs: list[dict[str, Any]] = []
+    equal_steps = bool(settings.extra.get("equal_steps", True))
     for per_class, names in plan:
         for seed in settings.seeds:
-            dm = datamodule(per_class, seed)
+            dm = datamodule(per_class, seed, settings.main_per_class if equal_steps else None)
             test_loader = dm.test_dataloader()
             # Per-epoch curves at the main size (first seed by default, every seed with --full).
             curve = per_class == settings.main_per_class and (settings.mode == "full" or seed == settings.seeds[0])
@@ -129,10 +154,52 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
             "efficiency_per_class": list(settings.efficiency_per_class),
             "test_per_class": TEST_PER_CLASS,
             "epochs": settings.epochs,
+            "equal_steps": equal_steps,
             "seeds": list(settings.seeds),
             "image_size": 64,
             "batch_size": 64,
             "limit_train_batches": settings.limit_train_batches,
             "limit_test_batches": settings.limit_test_batches,
+        },
+    }
+
+
+#: Recipes of the few-label, equal-compute run (section 8): the baseline and the techniques meant for few labels.
+FEW_EQUAL_RECIPES = ("full", "linear_probe", "lpft", "l2sp")
+
+
+def run_few_equal(settings: Settings, log: Any = print) -> dict[str, Any]:
+    """Section 8: ``few_per_class`` labels per class at the optimizer steps of ``main_per_class`` (data cycled)."""
+    weights = weights_path()
+    hparams = load_hparams()
+    names = list(settings.extra.get("few_equal_recipes", FEW_EQUAL_RECIPES))
+    recipes, skipped = available_recipes(names)
+    runs: list[dict[str, Any]] = []
+    per_class = settings.few_per_class
+    for seed in settings.seeds:
+        dm = datamodule(per_class, seed, settings.main_per_class)
+        test_loader = dm.test_dataloader()
+        for name in recipes:
+            result = train_recipe(name, hparams, dm, test_loader, settings, seed, False, weights)
+            runs.append({"recipe": name, "per_class": per_class, "seed": seed, **result})
+            log(f"  {per_class:>3}/class (equal steps) seed {seed} {name:<14} test acc {result['final']:.3f}")
+    return {
+        "recipes": {
+            n: {"label": RECIPES[n].label, "family": RECIPES[n].family, "description": RECIPES[n].description}
+            for n in [*recipes, *skipped]
+        },
+        "hparams": {key: hparams[key] for key in sorted({RECIPES[n].hparams for n in recipes})},
+        "hparams_source": LR_TABLE.name if LR_TABLE.is_file() else "DEFAULT_HPARAMS (lr_table.json missing)",
+        "pick": pick(),
+        "skipped": skipped,
+        "runs": runs,
+        "protocol": {
+            "few_per_class": per_class,
+            "steps_of_per_class": settings.main_per_class,
+            "test_per_class": TEST_PER_CLASS,
+            "epochs": settings.epochs,
+            "equal_steps": True,
+            "seeds": list(settings.seeds),
+            "limit_train_batches": settings.limit_train_batches,
         },
     }

@@ -23,6 +23,10 @@ MEMORY_GOAL = 0.6
 ACCURACY_GOAL = 0.975
 #: Accuracy gain of the best lt_finetune recipe over full fine-tuning with few labels (section 5).
 FEW_LABEL_MARGIN = 0.02
+#: Out-of-distribution accuracy gain of the best lt_finetune technique over full fine-tuning (section 7).
+OOD_MARGIN = 0.03
+#: Gain of the best lt_finetune recipe over full fine-tuning at 10 labels per class and equal steps (section 8).
+EQUAL_STEPS_FEW_MARGIN = 0.03
 
 
 class Goal(NamedTuple):

@@ -22,13 +22,15 @@ HOW_TO_RUN = [
     "make bench                         # = python -m benchmarks.run: the CPU-sized default",
     "make bench-full                    # = python -m benchmarks.run --full: more repeats/seeds, 60k images, DDP",
     "python -m benchmarks.run --sections 1,2   # a subset; other sections keep their last results",
+    "python -m benchmarks.run --sections 7 --seeds 0,1,2   # techniques in/out of distribution (~25 min)",
     "python -m benchmarks.run --smoke          # tiny settings, results under /tmp: checks that it all runs",
     "python -m benchmarks.select_lr            # re-pick hyper-parameters on validation (lr_table.json)",
     "python -m benchmarks.report               # rebuild this page from benchmarks/results/*.json",
     "```",
     "",
     "`make bench` runs `make bench-setup` first, which installs what only the benchmarks need (the "
-    "finetuning-scheduler anchor; as root, Fashion-MNIST for section 6); what is missing is skipped with a note. "
+    "finetuning-scheduler and fastai anchors; as root, Fashion-MNIST for section 6); what is missing is skipped "
+    "with a note. "
     "`make setup` provides the rest (ImageNet MobileNetV2 weights, Animal-MNIST).",
     "",
 ]
@@ -50,5 +52,9 @@ ANCHOR_NOTES = [
     "`apply_lambdas_new_pgs=True` so the cosine also drives the groups added later; each phase's `lr` is the full "
     "fine-tuning rate. It raises `max_epochs` to its last phase's `max_transition_epoch`, so transitions are capped at "
     "the run's epochs. Frozen BatchNorm layers stay in training mode (batch statistics), which costs speed in phase 0.",
+    "- fastai (section 7): `Learner` on the same MobileNetV2 file and the same normalised tensors, split into "
+    "body (`features`) and head as `vision_learner` does, `CrossEntropyLossFlat`, `fine_tune(epochs - 1, "
+    "base_lr=2e-3, freeze_epochs=1)`: its documented defaults (one frozen epoch, then discriminative rates and "
+    "one-cycle), BatchNorm trainable while frozen (`train_bn=True`), weight decay 0.01.",
     "",
 ]

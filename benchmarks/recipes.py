@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from benchmarks.common import BACKBONE, fts_available
 from benchmarks.models import TrainableOnlyModule, fts_schedule, group_names
 from lt_finetune import FreezeBackbone, GradualUnfreeze, LayerwiseLR, TransferModule
+from lt_finetune.callbacks import BSS, EMA, L2SP, LPFT
 
 LR_TABLE = Path(__file__).with_name("lr_table.json")
 Family = Literal["baseline", "lt_finetune", "anchor"]
@@ -106,25 +107,39 @@ def load_hparams() -> dict[str, dict[str, float]]:
 
 
 def build(
-    name: str, hparams: Mapping[str, Mapping[str, float]], weights: str, num_classes: int, root: str, epochs: int
+    name: str,
+    hparams: Mapping[str, Mapping[str, float]],
+    weights: str,
+    num_classes: int,
+    root: str,
+    epochs: int,
+    steps_per_epoch: int | None = None,
 ) -> Built:
-    """Build recipe ``name`` with the hyper-parameters of its key, for a run of ``epochs`` epochs."""
+    """Build recipe ``name`` with the hyper-parameters of its key, for a run of ``epochs`` epochs.
+
+    ``steps_per_epoch`` feeds the rules of the recipes whose settings depend on the run's length (EMA, LPFT).
+    """
     recipe = RECIPES[name]
-    return recipe.build(RecipeContext(hparams[recipe.hparams], weights, num_classes, root, epochs))
+    extra = {} if steps_per_epoch is None else {"steps_per_epoch": steps_per_epoch}
+    return recipe.build(RecipeContext(hparams[recipe.hparams], weights, num_classes, root, epochs, extra))
 
 
 # -- builders ----------------------------------------------------------------------------------------------------
 
 
 def _transfer(
-    ctx: RecipeContext, pretrained: bool = True, cls: type[TransferModule] = TransferModule, **kwargs: Any
+    ctx: RecipeContext,
+    pretrained: bool = True,
+    cls: type[TransferModule] = TransferModule,
+    weight_decay: float = 0.05,
+    **kwargs: Any,
 ) -> TransferModule:
     return cls(
         backbone=BACKBONE,
         num_classes=ctx.num_classes,
         pretrained=ctx.weights if pretrained else False,
         lr=ctx.lr,
-        weight_decay=0.05,
+        weight_decay=weight_decay,
         schedule="cosine",
         **kwargs,
     )
@@ -200,3 +215,39 @@ def _finetuning_scheduler(ctx: RecipeContext) -> Built:
         log_dir=ctx.root,
     )
     return model, [fts]
+
+
+# -- the techniques of section 7 (and rows of section 5). Their settings follow rules fixed before any test run:
+# the learning rates chosen on validation above, the papers' defaults, and lengths as fractions of the run.
+
+
+def _total_steps(ctx: RecipeContext) -> int:
+    return max(1, int(ctx.extra.get("steps_per_epoch", 16)) * ctx.epochs)
+
+
+@register("l2sp", "L2-SP", family="lt_finetune", hparams="full")
+def _l2sp(ctx: RecipeContext) -> Built:
+    """`L2SP(alpha=0.01, beta=0.01)` (the paper's defaults) instead of weight decay, full fine-tuning otherwise."""
+    return _transfer(ctx, weight_decay=0.0), [L2SP(alpha=0.01, beta=0.01)]
+
+
+@register("bss", "BSS", family="lt_finetune", hparams="full")
+def _bss(ctx: RecipeContext) -> Built:
+    """`BSS(weight=1e-3, k=1)` (the paper's and TLlib's defaults) on full fine-tuning."""
+    return _transfer(ctx), [BSS(weight=1e-3, k=1)]
+
+
+@register("ema", "EMA of weights", family="lt_finetune", hparams="full")
+def _ema(ctx: RecipeContext) -> Built:
+    """`EMA(decay=1 - 10/T)`: an average over about the last tenth of the T steps, on full fine-tuning."""
+    decay = max(0.0, 1.0 - 10.0 / _total_steps(ctx))
+    return _transfer(ctx), [EMA(decay=round(decay, 6))]
+
+
+@register("lpft", "LPFT preset", family="lt_finetune", hparams="linear_probe")
+def _lpft(ctx: RecipeContext) -> Built:
+    """`LPFT(probe_epochs=1)`: probe at the linear-probe rate, then all at the full-FT rate, warmed up over 10 %."""
+    full_lr = float(load_hparams()["full"]["lr"])
+    factor = min(1.0, full_lr / ctx.lr)
+    warmup = max(1, round(0.1 * _total_steps(ctx)))
+    return _transfer(ctx), [LPFT(probe_epochs=1, finetune_lr_factor=factor, warmup_steps=warmup)]

@@ -15,15 +15,17 @@ from benchmarks.common import REPO, REPORT, RESULTS_DIR, load_result
 from benchmarks.goals import Goal, goals_table
 from benchmarks.markdown import table
 from benchmarks.prose import ANCHOR_NOTES, HOW_TO_RUN, INTRO
-from benchmarks.report_accuracy import accuracy_section
+from benchmarks.report_accuracy import accuracy_section, few_equal_section
 from benchmarks.report_cost import ddp_section, memory_section, overhead_section, scale_section, speedup_section
+from benchmarks.report_techniques import techniques_section
 
 
 def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[str]:
     """Write the Markdown report and its plots (next to it, under ``<out stem>/``); returns the plot paths."""
     images = out.parent / out.stem
     run = load_result(results_dir, "run")
-    results = {name: load_result(results_dir, name) for name in ("speed", "ddp", "memory", "accuracy", "scale")}
+    sections = ("speed", "ddp", "memory", "accuracy", "scale", "techniques", "few_equal")
+    results = {name: load_result(results_dir, name) for name in sections}
     goals: list[Goal] = []
     plots: list[str] = []
     body: list[str] = []
@@ -40,12 +42,17 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
         body += accuracy_section(results["accuracy"], goals, images, plots)
     if results["scale"]:
         body += scale_section(results["scale"], images, plots)
+    if results["techniques"]:
+        body += techniques_section(results["techniques"], goals, images, plots)
+    if results["few_equal"]:
+        body += few_equal_section(results["few_equal"], goals)
     meta = run["meta"] if run else {}
     lines = list(INTRO)
     if meta:
         lines += [
-            f"This page: `{meta['command']}` ({meta['mode']} settings), started {meta['started']}, total wall time "
-            f"**{meta['wall_s'] / 60:.1f} min**, sections {meta['sections']}. Load average before / after: "
+            f"Latest run: `{meta['command']}` ({meta['mode']} settings), started {meta['started']}, total wall time "
+            f"**{meta['wall_s'] / 60:.1f} min**, sections {meta['sections']}; the other sections keep the results of "
+            "the run each names. Load average before / after: "
             f"{meta.get('load_before')} / {meta.get('load_after')} (the machine was shared with other work).",
             "",
         ]

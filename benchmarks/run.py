@@ -1,8 +1,10 @@
 """Run the benchmark sections and write the report: ``python -m benchmarks.run [--full] [--sections 1,2,...]``.
 
 Sections: 1 overhead, 2 freezing speed-up kept (1 and 2 share one timing run), 3 DDP, 4 memory, 5 accuracy,
-6 scale. Each section's raw results go to ``<results-dir>/<section>.json``; the report is rebuilt from every
-result file there, so a partial run keeps the other sections' last results (each table names its own run).
+6 scale, 7 fine-tuning techniques in and out of distribution (MNIST-5k to UCI digits), 8 few labels at equal
+compute (Animal-MNIST). Each section's raw results
+go to ``<results-dir>/<section>.json``; the report is rebuilt from every result file there, so a partial run keeps
+the other sections' last results (each table names its own run).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from benchmarks.common import (
     save_result,
 )
 
-ALL_SECTIONS = (1, 2, 3, 4, 5, 6)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _log(message: str) -> None:
@@ -36,7 +38,7 @@ def _log(message: str) -> None:
 
 
 def _section_runners(sections: set[int]) -> list[tuple[str, set[int], Callable[[Settings], dict[str, Any]]]]:
-    from benchmarks import accuracy, ddp, memory, scale, speed
+    from benchmarks import accuracy, ddp, memory, scale, speed, techniques
 
     runners: list[tuple[str, set[int], Callable[[Settings], dict[str, Any]]]] = []
     if sections & {1, 2}:
@@ -49,6 +51,10 @@ def _section_runners(sections: set[int]) -> list[tuple[str, set[int], Callable[[
         runners.append(("accuracy", {5}, lambda s: accuracy.run(s, _log)))
     if 6 in sections:
         runners.append(("scale", {6}, lambda s: scale.run(s, _log)))
+    if 7 in sections:
+        runners.append(("techniques", {7}, lambda s: techniques.run(s, _log)))
+    if 8 in sections:
+        runners.append(("few_equal", {8}, lambda s: accuracy.run_few_equal(s, _log)))
     return runners
 
 

@@ -1,7 +1,9 @@
 """``lt-finetune``: LightningCLI over TransferModule and the datamodules, plus ``groups`` and ``preview``.
 
-``groups`` and ``preview`` are subcommands of the same parser as ``fit``, ``validate``, ``test`` and ``predict``:
-``lt-finetune --help`` lists all six and ``lt-finetune <subcommand> --help`` describes each.
+``groups``, ``preview`` and ``export`` are subcommands of the same parser as ``fit``, ``validate``, ``test`` and
+``predict``: ``lt-finetune --help`` lists them all and ``lt-finetune <subcommand> --help`` describes each.
+``test`` also prints per-class precision and recall and writes ``confusion_matrix.png``; ``predict`` writes
+``predictions.csv`` (path, class name, probability, top-k); both under ``trainer.default_root_dir``.
 
 Usage::
 
@@ -9,6 +11,8 @@ Usage::
     lt-finetune test --config examples/configs/animal_mnist_mobilenetv2.yaml --ckpt_path best.ckpt
     lt-finetune groups resnet18                 # the layer groups callbacks address, as a table
     lt-finetune preview --config cfg.yaml --output plan.png   # the fine-tuning plan, before training
+    lt-finetune predict --config cfg.yaml --ckpt_path best.ckpt --data.predict_dir new_images/
+    lt-finetune export --ckpt_path best.ckpt --format onnx   # best.onnx and best.onnx.json (class names)
 """
 
 from __future__ import annotations
@@ -16,26 +20,31 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse.typing import Path_fr, PositiveInt
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+import lt_finetune.data  # noqa: F401  (registers the datamodules: listed in --help, usable by short name)
 from lt_finetune.module import TransferModule
 
 __all__ = ["FinetuneCLI", "main"]
 
 _DESCRIPTION = (
     "Fine-tune a pretrained backbone: fit, validate, test and predict run a Trainer; "
-    "groups and preview plan a run without training."
+    "groups and preview plan a run without training; export writes a checkpoint as TorchScript or ONNX."
 )
 #: The subcommands this CLI adds to the Trainer's, with their one-line help.
 _PLANNING_SUBCOMMANDS = {
     "groups": "Print the layer groups of a backbone: the names the callbacks address.",
     "preview": "Compute and plot the fine-tuning plan of a fit config, without training.",
+    "export": "Export a checkpoint to TorchScript or ONNX, with its class names and preprocessing beside it.",
+    "soup": "Average checkpoints (uniform and greedy soups, WiSE-FT sweep), scored on validation data.",
 }
+#: Subcommands that build no Trainer, model or datamodule from the config.
+_STANDALONE = ("groups", "export")
 
 
 class FinetuneCLI(LightningCLI):
@@ -56,7 +65,12 @@ class FinetuneCLI(LightningCLI):
         subcommands = parser._subcommands_action  # the action the call above added: append to its choices
         if subcommands is None:
             raise RuntimeError("LightningCLI added no subcommands to its parser; `groups` and `preview` need them.")
-        for name, build in (("groups", self._groups_parser), ("preview", self._preview_parser)):
+        for name, build in (
+            ("groups", self._groups_parser),
+            ("preview", self._preview_parser),
+            ("export", self._export_parser),
+            ("soup", self._soup_parser),
+        ):
             description = _PLANNING_SUBCOMMANDS[name]
             subparser = build(**{"description": description, **kwargs.get(name, {})})
             self._subcommand_parsers[name] = subparser
@@ -71,6 +85,30 @@ class FinetuneCLI(LightningCLI):
         parser.add_argument("--model.backbone", type=str | None, default=None, help="Same as `backbone`.")
         parser.add_argument(
             "--config", type=Path_fr | None, default=None, help="A fit config; its `model.backbone` is used."
+        )
+        return parser
+
+    def _soup_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        from lt_finetune.soup_command import soup_parser
+
+        return soup_parser(self, **kwargs)
+
+    def soup(self) -> None:
+        """Soups and WiSE-FT of checkpoints (``soup``); see :mod:`lt_finetune.soup_command`."""
+        from lt_finetune.soup_command import run_soup
+
+        run_soup(self)
+
+    def _export_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        from lt_finetune.export import EXPORT_FORMATS
+
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("--ckpt_path", type=Path_fr, required=True, help="A checkpoint of TransferModule.")
+        parser.add_argument(
+            "--format", type=Literal[EXPORT_FORMATS], default="torchscript", help="torchscript, or onnx ([onnx] extra)."
+        )
+        parser.add_argument(
+            "--output", type=str | None, default=None, help="File to write; None: the checkpoint's name, .pt or .onnx."
         )
         return parser
 
@@ -89,12 +127,17 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def _set_seed(self) -> None:
-        if self.subcommand != "groups":  # groups builds no model and has no seed to set
+        if self.subcommand not in _STANDALONE:  # they build no model and have no seed to set
             super()._set_seed()
 
     @override
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") != "export":  # export loads the checkpoint itself; it has no model section
+            super()._parse_ckpt_path()
+
+    @override
     def instantiate_classes(self) -> None:
-        if self.subcommand == "groups":
+        if self.subcommand in _STANDALONE:
             self.config_init = self.parser.instantiate_classes(self.config)
             return
         super().instantiate_classes()
@@ -140,6 +183,17 @@ class FinetuneCLI(LightningCLI):
         plan.plot(options.output)
         print(f"Plot written to {options.output}")
 
+    def export(self) -> None:
+        """Export a checkpoint (``export``) and say where its files are."""
+        from lt_finetune.export import default_output, export_model
+
+        options = self.config["export"]
+        ckpt = options.ckpt_path.absolute
+        model = TransferModule.load_from_checkpoint(ckpt, map_location="cpu")
+        output = options.output or default_output(ckpt, options.format)
+        path, sidecar = export_model(model, output, options.format)
+        print(f"Exported {options.format} model to {path} (class names and preprocessing in {sidecar})")
+
     def after_fit(self) -> None:
         """Print where the best checkpoint is, for ``test``/``predict`` to use."""
         callback = self.trainer.checkpoint_callback
@@ -149,21 +203,39 @@ class FinetuneCLI(LightningCLI):
             shown = f" ({callback.monitor}={float(score):.4f})" if score is not None else ""  # type: ignore[union-attr]
             print(f"Best checkpoint{shown}: {path}")
 
+    def before_predict(self) -> None:
+        """Add a :class:`~lt_finetune.inference.PredictionWriter` (``predictions.csv``) unless the config has one."""
+        from lt_finetune.inference import PredictionWriter
+
+        callbacks: list[Any] = getattr(self.trainer, "callbacks")  # noqa: B009 (mypy does not see the property)
+        if not any(isinstance(c, PredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter())
+
     def after_predict(self) -> None:
-        """Save the predicted probabilities next to the run's outputs and say where."""
-        outputs = self.trainer.predict_loop.predictions
-        if not self.trainer.is_global_zero or not outputs:
+        """Say where the predictions were written."""
+        from lt_finetune.inference import PredictionWriter
+
+        for callback in getattr(self.trainer, "callbacks", []):
+            if isinstance(callback, PredictionWriter) and callback.written and self.trainer.is_global_zero:
+                print(f"Predictions (path, class name, probability, top-k) written to {callback.written}")
+
+    def after_test(self) -> None:
+        """Print per-class precision and recall and write the confusion matrix as ``confusion_matrix.png``."""
+        model = self.model
+        confusion = getattr(model, "test_confusion_matrix", None)
+        if confusion is None or not self.trainer.is_global_zero:
             return
         import os
 
-        import torch
+        from lt_finetune.report import per_class_table, plot_confusion_matrix
 
-        batches = outputs[0] if outputs and isinstance(outputs[0], list) else outputs
-        probabilities = torch.cat([torch.as_tensor(b) for b in batches])
-        path = os.path.join(self.trainer.default_root_dir, "predictions.pt")
-        os.makedirs(self.trainer.default_root_dir, exist_ok=True)
-        torch.save(probabilities, path)
-        print(f"Saved predicted probabilities {tuple(probabilities.shape)} to {path}")
+        classes = getattr(model, "classes", None) or [str(i) for i in range(confusion.shape[0])]
+        print("Per-class results on the test split:")
+        print(per_class_table(confusion, classes))
+        path = plot_confusion_matrix(
+            confusion, classes, os.path.join(self.trainer.default_root_dir, "confusion_matrix.png")
+        )
+        print(f"Confusion matrix written to {path}")
 
 
 def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:

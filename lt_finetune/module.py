@@ -10,15 +10,16 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import Accuracy, F1Score
+from torchmetrics.classification import Accuracy, F1Score, MulticlassConfusionMatrix
 from typing_extensions import override
 
 from lt_finetune.backbones import backbone_data_config, create_backbone
 from lt_finetune.extras import EXTRA_MODULES, trainable_modules
 from lt_finetune.groups import LayerGroup, layer_groups
+from lt_finetune.inference import CHECKPOINT_KEY, ImagePrediction, inference_settings, predict_images
 from lt_finetune.loss_terms import LossTermsMixin, StepOutputs, StreamOutputs, split_batch
 from lt_finetune.optim import build_param_groups
 from lt_finetune.snapshot import load_snapshots, save_snapshots
@@ -65,6 +66,13 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
 
     **Loss terms** (``lt_finetune.loss_terms``): callbacks register extra losses with :meth:`add_loss_term`;
     each training step computes the features once, adds every term to the task loss and logs each one.
+
+    **From a checkpoint to answers**: fitted on a datamodule with ``classes`` (such as
+    :class:`~lt_finetune.data.ImageFolderDataModule`), the module keeps its class names, task and eval
+    preprocessing in every checkpoint (see :mod:`lt_finetune.inference`), so
+    ``TransferModule.load_from_checkpoint(path).predict_images("new_images/")`` returns class names and
+    probabilities; :attr:`classes` holds the names. ``test`` also computes the confusion matrix
+    (:attr:`test_confusion_matrix`, multiclass), from which ``lt-finetune test`` reports per-class results.
 
     **Batches**: ``(x, y, *rest)``, or a dict from Lightning's ``CombinedLoader`` with the labelled stream under
     ``"source"`` and unlabelled streams (a target domain) under other keys; all streams go through one forward
@@ -143,6 +151,11 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes) if task == "multiclass" else None
+        #: Confusion matrix ``[true, predicted]`` of the last ``test`` run (multiclass), or ``None``.
+        self.test_confusion_matrix: torch.Tensor | None = None
+        #: Class names, task and eval preprocessing, from the datamodule at fit time or from the checkpoint.
+        self.inference: dict[str, Any] | None = None
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -169,6 +182,107 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
     def data_config(self) -> dict[str, Any]:
         """Input size, mean, std, interpolation and crop fraction the backbone's weights expect."""
         return backbone_data_config(self.backbone)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names (index ``i`` names output ``i``), known once fitted on a datamodule or loaded; else ``None``."""
+        return None if self.inference is None else list(self.inference["classes"])
+
+    def _inference_settings(self) -> dict[str, Any]:
+        if self.inference is not None:
+            return self.inference
+        # Never fitted on a datamodule: the backbone's own preprocessing and numbered classes.
+        count = self.hparams["num_classes"] if self.task != "binary" else 2
+        config = {**self.data_config, "input_size": tuple(self.hparams["input_size"])}
+        fallback = type("_Data", (), {"classes": [str(i) for i in range(count)], "data_config": config})()
+        return inference_settings(fallback, self.task)
+
+    @torch.no_grad()
+    def predict_images(self, images: Any, *, batch_size: int = 32, top_k: int = 5) -> list[ImagePrediction]:
+        """Classify image files, folders (searched recursively) or PIL images; return names and probabilities.
+
+        Images are read as RGB (grayscale, palette and RGBA files converted, as in training) and go through the
+        eval transform the model was fitted with (saved in the checkpoint). The model is put in eval mode for the
+        call and its mode restored.
+
+        Args:
+            images: A path, a folder, a PIL image, or a sequence of them.
+            batch_size: Images per forward pass.
+            top_k: ``(name, probability)`` pairs listed per image.
+
+        Returns:
+            One :class:`~lt_finetune.inference.ImagePrediction` ``(path, label, probability, top_k)`` per image, in
+            order (folders contribute their files sorted by path).
+
+        Raises:
+            OSError: If an image file cannot be read; the message names it.
+            FileNotFoundError: If a folder holds no image files.
+
+        Example::
+
+            >>> model = TransferModule("resnet18", num_classes=3)
+            >>> from PIL import Image
+            >>> (answer,) = model.predict_images(Image.new("L", (40, 30)), top_k=2)
+            >>> answer.label in ("0", "1", "2"), len(answer.top_k)
+            (True, 2)
+        """
+        return predict_images(self, images, self._inference_settings(), batch_size=batch_size, top_k=top_k)
+
+    @override
+    def to_torchscript(
+        self, file_path: Any = None, method: str | None = "trace", example_inputs: Any | None = None, **kwargs: Any
+    ) -> Any:
+        """Trace the model (TorchScript) on an input of its eval size; ``method="script"`` scripts it instead.
+
+        timm and torchvision backbones are traceable but not all scriptable, so tracing is the default.
+        """
+        if method == "trace" and example_inputs is None:
+            size = self._inference_settings()["preprocessing"]["input_size"]
+            example_inputs = torch.zeros(1, *size, device=self.device)
+        return super().to_torchscript(file_path, method, example_inputs, **kwargs)
+
+    # -- data checks -----------------------------------------------------------------------------------------
+
+    def _check_datamodule_preprocessing(self) -> None:
+        # A test or predict run whose datamodule preprocesses differently from training gives other answers.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.inference is None or not getattr(datamodule, "classes", None):
+            return
+        now = inference_settings(datamodule, self.task)
+        saved = self.inference
+        changed = {k: (saved["preprocessing"].get(k), v) for k, v in now["preprocessing"].items()}
+        changed = {k: pair for k, pair in changed.items() if pair[0] is not None and tuple_(pair[0]) != tuple_(pair[1])}
+        if now["classes"] != saved["classes"]:
+            changed["classes"] = (saved["classes"], now["classes"])
+        if changed:
+            shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+            rank_zero_warn(
+                f"{type(datamodule).__name__} differs from the data the checkpoint was trained on ({shown}); "
+                "predictions follow the datamodule. Pass the training settings to get the model's answers."
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Check the datamodule's classes against ``num_classes`` and keep its class names and preprocessing.
+
+        Raises:
+            ValueError: If the datamodule has a different number of classes than the head (multiclass and
+                multilabel), before the first step.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(datamodule, "classes", None)
+        if not classes:
+            return
+        expected = self.hparams["num_classes"]
+        fits = len(classes) in (1, 2) if self.task == "binary" else len(classes) == expected
+        if not fits:
+            raise ValueError(
+                f"TransferModule(num_classes={expected}, task={self.task!r}) does not fit the {len(classes)} "
+                f"classes of {type(datamodule).__name__} ({_shown(classes)}); pass num_classes={len(classes)} "
+                "(the lt-finetune CLI takes it from the datamodule unless `model.num_classes` is given)."
+            )
+        if stage == "fit" or self.inference is None:
+            self.inference = inference_settings(datamodule, self.task)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -203,6 +317,8 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
             stream_features, stream_logits = [], []
         loss = self._loss(logits, target)
         metrics.update(*self._metric_inputs(logits.detach(), target))
+        if stage == "test" and self.test_confusion is not None:
+            self.test_confusion.update(logits.detach().argmax(dim=-1), target)
         if stage == "train":
             outputs = StepOutputs(
                 features=features,
@@ -232,6 +348,16 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
     @override
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, self.test_metrics, "test")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion_matrix = None
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        if self.test_confusion is not None:
+            self.test_confusion_matrix = self.test_confusion.compute().cpu()
+            self.test_confusion.reset()
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -284,10 +410,15 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_snapshots(self, checkpoint)
+        if self.inference is not None:
+            checkpoint[CHECKPOINT_KEY] = self.inference
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_snapshots(self, checkpoint)
+        if CHECKPOINT_KEY in checkpoint:
+            self.inference = dict(checkpoint[CHECKPOINT_KEY])
+            self._check_datamodule_preprocessing()
         # Extra modules (a domain discriminator) exist only while the callback that added them is in the fit: a
         # model loaded for inference, or resumed without that callback, does without them.
         state = checkpoint.get("state_dict", {})
@@ -307,6 +438,15 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         """
         kwargs.setdefault("pretrained", False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+def tuple_(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _metrics(task: Task, num_classes: int) -> MetricCollection:

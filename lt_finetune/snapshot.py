@@ -14,7 +14,7 @@ Example::
     >>> snapshot = pretrained_snapshot(model)
     >>> with torch.no_grad():
     ...     _ = model.backbone.weight.add_(1.0)
-    >>> bool((model.backbone.weight - snapshot["weight"]).eq(1.0).all())
+    >>> torch.allclose(model.backbone.weight - snapshot["weight"], torch.ones(2, 2))
     True
     >>> pretrained_snapshot(model) is snapshot  # taken once
     True

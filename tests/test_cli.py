@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import yaml
 
 from lt_finetune.callbacks import __all__ as CALLBACKS
 from lt_finetune.cli import main
+from lt_finetune.data import ANIMAL_MNIST_CLASSES
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "examples" / "configs" / "tiny_fit.yaml"
@@ -38,11 +40,15 @@ def test_fit_then_test_from_yaml_in_a_subprocess(tmp_path: Path, animal_mnist: N
     test = _run("test", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc" in test.stdout + test.stderr
+    assert re.search(r"^class +precision +recall +support\n(\w+ +[\d.]+ +[\d.]+ +2\n){10}", test.stdout, re.MULTILINE)
     predict = _run("predict", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), *root[:2], cwd=tmp_path)
     assert predict.returncode == 0, predict.stderr[-3000:]
-    probabilities = torch.load(tmp_path / "predictions.pt")
-    assert probabilities.shape == (20, 10) and torch.allclose(probabilities.sum(1), torch.ones(20), atol=1e-5)
-    assert "Saved predicted probabilities (20, 10)" in predict.stdout
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert f"written to {tmp_path / 'predictions.csv'}" in predict.stdout
+    assert len(rows) == 20 and {r["target"] for r in rows} == set(ANIMAL_MNIST_CLASSES)  # the test split, 2 a class
+    assert [r["path"] for r in rows] == [str(i) for i in range(20)]  # in-memory images: their indices
+    assert all(r["label"] in ANIMAL_MNIST_CLASSES and 0.1 <= float(r["probability"]) <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("name", CALLBACKS)
@@ -76,10 +82,10 @@ def _help(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_lists_all_six_subcommands(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_every_subcommand(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = _help([flag], capsys)
     listed = re.findall(r"^ {4}(\w+) +\S", out, flags=re.MULTILINE)  # "    name   description", one per subcommand
-    assert listed == ["fit", "validate", "test", "predict", "groups", "preview"]
+    assert listed == ["fit", "validate", "test", "predict", "groups", "preview", "export", "soup"]
     assert re.search(r"^ +groups +Print the layer groups of a backbone", out, flags=re.MULTILINE)
     assert re.search(r"^ +preview +Compute and plot the fine-tuning plan", out, flags=re.MULTILINE)
 
@@ -159,3 +165,38 @@ def test_callbacks_written_against_public_names_build_from_yaml(
     (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert callback["class_path"] == class_path
     assert {k: callback["init_args"][k] for k in init_args} == init_args
+
+
+def test_fit_help_lists_the_datamodules_and_short_names_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = " ".join(_help(["fit", "--help"], capsys).split())
+    assert re.search(r"known subclasses:.*lt_finetune\.data\.AnimalMNISTDataModule", out)
+    assert re.search(r"known subclasses:.*lt_finetune\.data\.ImageFolderDataModule", out)
+    printed = _help(
+        ["fit", "--data", "ImageFolderDataModule", "--data.train_dir", str(tmp_path), "--print_config"], capsys
+    )
+    data = yaml.safe_load(printed)["data"]
+    assert data["class_path"] == "lt_finetune.data.ImageFolderDataModule"
+    assert data["init_args"]["train_dir"] == str(tmp_path) and data["init_args"]["predict_dir"] is None
+
+
+def test_export_subcommand_writes_the_model_and_its_class_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lt_finetune import TransferModule
+
+    model = TransferModule("resnet18", num_classes=3, input_size=(3, 32, 32)).eval()
+    ckpt = tmp_path / "best.ckpt"
+    hparams = dict(model.hparams)
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6"}, ckpt
+    )
+    assert main(["export", "--ckpt_path", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert f"Exported torchscript model to {tmp_path / 'best.pt'}" in out and "best.pt.json" in out
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "best.pt"))(x), model(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", str(ckpt), "--format", "tflite"])
+    assert "torchscript" in capsys.readouterr().err

@@ -159,3 +159,44 @@ class ResumableLoader(DataLoader):
 def resumable_data(n: int = 64, batch_size: int = 16, seed: int = 0) -> ResumableLoader:
     loader = tiny_data(n, batch_size, seed)
     return ResumableLoader(loader.dataset, batch_size=batch_size, shuffle=False)
+
+
+class DomainModule(TermsModule):
+    """A foreign module trained on ``CombinedLoader`` batches: a labelled source and an unlabelled target stream,
+    both through one forward pass, handed to the loss terms as ``StepOutputs.streams["target"]``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lt_finetune.loss_terms import StreamOutputs, split_batch
+
+        x, y, streams = split_batch(batch)
+        inputs = [x, *(s[0] for s in streams.values())]
+        features_all = self.backbone(torch.cat(inputs))
+        logits_all = self.head(features_all)
+        features, *stream_features = features_all.split([len(t) for t in inputs])
+        logits, *stream_logits = logits_all.split([len(t) for t in inputs])
+        loss = nn.functional.cross_entropy(logits, y)
+        outputs = StepOutputs(
+            features=features,
+            logits=logits,
+            target=y,
+            inputs=x,
+            streams={
+                name: StreamOutputs(inputs=s[0], features=f, logits=lg)
+                for (name, s), f, lg in zip(streams.items(), stream_features, stream_logits)
+            },
+        )
+        loss = self.apply_loss_terms(loss, outputs)
+        self.log("train_loss", loss)
+        return loss
+
+    def train_dataloader(self) -> Any:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader({"source": resumable_data(self.n), "target": resumable_target(self.n)}, "max_size_cycle")
+
+
+def resumable_target(n: int = 64, batch_size: int = 16, seed: int = 1) -> ResumableLoader:
+    """Unlabelled, shifted inputs as long as :func:`resumable_data` (so resumed epochs line up)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g) * 1.5 + 0.5
+    return ResumableLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lt_finetune.groups import match_groups
 from lt_finetune.policy import FinetunePolicy
-from lt_finetune.validation import check_names, check_optional_int
+from lt_finetune.validation import check_int, check_names, check_optional_int
 
 __all__ = ["FreezeBackbone"]
 
@@ -32,6 +32,8 @@ class FreezeBackbone(FinetunePolicy):
             whole backbone.
         unfreeze_at_epoch: Epoch at whose start everything becomes trainable; ``None`` keeps it frozen.
         unfreeze_at_step: Global step from which everything becomes trainable (instead of an epoch).
+        warmup_steps: After unfreezing, ramp the unfrozen groups' learning rates linearly over this many steps
+            (``1/W, 2/W, ..., 1`` times their value, as ``GradualUnfreeze``); ``0`` switches them on at full rate.
         bn_mode: What frozen BatchNorm layers do. ``"eval"`` (default) keeps them in eval mode with their
             statistics untouched: the frozen part computes the function it was pretrained for and needs no
             backward pass, which is what makes freezing fast. ``"train"`` keeps BatchNorm trainable and
@@ -46,8 +48,9 @@ class FreezeBackbone(FinetunePolicy):
     Example::
 
         >>> from lt_finetune.callbacks import FreezeBackbone
-        >>> FreezeBackbone(unfreeze_at_epoch=1)
-        FreezeBackbone(backbone='backbone', groups=None, unfreeze_at_epoch=1, unfreeze_at_step=None, bn_mode='eval')
+        >>> FreezeBackbone(unfreeze_at_epoch=1)  # doctest: +NORMALIZE_WHITESPACE
+        FreezeBackbone(backbone='backbone', groups=None, unfreeze_at_epoch=1, unfreeze_at_step=None,
+                       warmup_steps=0, bn_mode='eval')
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class FreezeBackbone(FinetunePolicy):
         groups: Sequence[str] | None = None,
         unfreeze_at_epoch: int | None = None,
         unfreeze_at_step: int | None = None,
+        warmup_steps: int = 0,
         bn_mode: Literal["eval", "train", "batch_stats"] = "eval",
     ) -> None:
         super().__init__(backbone, bn_mode)
@@ -67,6 +71,7 @@ class FreezeBackbone(FinetunePolicy):
         self.groups = check_names("groups", groups, allow_none=True)
         self.unfreeze_at_epoch = check_optional_int("unfreeze_at_epoch", unfreeze_at_epoch, 0)
         self.unfreeze_at_step = check_optional_int("unfreeze_at_step", unfreeze_at_step, 0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self._selected: list[str] = []
         self.unfrozen_at_step: int | None = None
 
@@ -77,6 +82,7 @@ class FreezeBackbone(FinetunePolicy):
             "groups": self.groups,
             "unfreeze_at_epoch": self.unfreeze_at_epoch,
             "unfreeze_at_step": self.unfreeze_at_step,
+            "warmup_steps": self.warmup_steps,
             "bn_mode": self.bn_mode,
         }
 
@@ -98,6 +104,12 @@ class FreezeBackbone(FinetunePolicy):
         if self.unfreeze_at_step is not None and step >= self.unfreeze_at_step:
             return set()
         return set(self._selected or (names if self.groups is None else ()))
+
+    @override
+    def lr_factor(self, layer: str, names: Sequence[str], epoch: int, step: int) -> float:
+        if self.warmup_steps == 0 or self.unfrozen_at_step is None or layer not in self._selected:
+            return 1.0
+        return min(1.0, (step - self.unfrozen_at_step + 1) / self.warmup_steps)
 
     @override
     def on_unfrozen(self, layers: Sequence[str], epoch: int, step: int) -> None:

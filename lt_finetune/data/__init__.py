@@ -8,13 +8,18 @@ training batches are mixed by the rule of :func:`mix_labelled_batch`.
 
 from lt_finetune.data._common import ImageDataModuleBase, mix_labelled_batch
 from lt_finetune.data.animal_mnist import ANIMAL_MNIST_CLASSES, AnimalMNISTDataModule, load_animal_mnist
+from lt_finetune.data.digits import MNIST5kDataModule, UCIDigitsDataModule
+from lt_finetune.data.domain_adapt import DomainAdaptDataModule
 from lt_finetune.data.image_folder import ImageFolderDataModule
 
 __all__ = [
     "ANIMAL_MNIST_CLASSES",
     "AnimalMNISTDataModule",
+    "DomainAdaptDataModule",
     "ImageDataModuleBase",
     "ImageFolderDataModule",
+    "MNIST5kDataModule",
+    "UCIDigitsDataModule",
     "load_animal_mnist",
     "mix_labelled_batch",
 ]

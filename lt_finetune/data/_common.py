@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch import Tensor
@@ -185,6 +186,30 @@ def mix_labelled_batch(mixup: Mixup, batch: Any) -> Any:
     return make(items) if make is not None else tuple(items)
 
 
+class IndexedDataset(Dataset[tuple[Any, ...]]):
+    """``dataset`` with each item's index appended: ``(image, target)`` becomes ``(image, target, index)``.
+
+    The dataset's ``paths`` and ``targets`` (where it has them), its ``collate_fn`` and a ``source`` description
+    are kept as attributes, for writers of predictions.
+    """
+
+    def __init__(self, dataset: Dataset[Any], source: str) -> None:
+        self.dataset = dataset
+        self.source = source
+        self.paths: list[str] | None = getattr(dataset, "paths", None)
+        self.targets: Sequence[int] | None = getattr(dataset, "targets", None)
+        self.collate_fn = getattr(dataset, "collate_fn", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...] | None:  # type: ignore[override]
+        item = self.dataset[index]
+        if item is None:  # an unreadable file the dataset skips
+            return None
+        return (*item, index) if isinstance(item, tuple) else (item, -1, index)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
 
@@ -276,6 +301,8 @@ class ImageDataModuleBase(LightningDataModule):
         self.train_dataset: Dataset[Any] | None = None
         self.val_dataset: Dataset[Any] | None = None
         self.test_dataset: Dataset[Any] | None = None
+        #: Images to predict on, when a subclass has a split for it (``ImageFolderDataModule(predict_dir=...)``).
+        self.predict_dataset: Dataset[Any] | None = None
         self._mixup: Mixup | None = None
 
     @property
@@ -319,6 +346,7 @@ class ImageDataModuleBase(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            collate_fn=getattr(dataset, "collate_fn", None),  # a dataset that can skip unreadable items says how
         )
 
     @override
@@ -338,9 +366,21 @@ class ImageDataModuleBase(LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader[Any]:
-        """The test split's loader, or the validation split's where there is no test split."""
-        dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
-        return self._loader(self._require(dataset, "test or validation"), train=False)
+        """Batches ``(images, targets, indices)`` of the predict split, else the test split, else the validation split.
+
+        ``indices`` are positions in the dataset, so each prediction stays with its image (see
+        :class:`~lt_finetune.inference.PredictionWriter`); which split is used is logged on rank zero.
+        """
+        for dataset, split in (
+            (self.predict_dataset, "predict"),
+            (self.test_dataset, "test"),
+            (self.val_dataset, "validation"),
+        ):
+            if dataset is not None:
+                source = getattr(dataset, "source", None) or f"the {split} split"
+                rank_zero_info(f"{type(self).__name__}: predicting on {source} ({len(dataset)} images).")  # type: ignore[arg-type]
+                return self._loader(IndexedDataset(dataset, source), train=False)
+        return self._loader(self._require(None, "test or validation"), train=False)
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -13,11 +13,12 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
-from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from typing_extensions import override
 
 from lt_finetune.data._common import ImageDataModuleBase, stratified_fraction_split
+from lt_finetune.inference import image_files, load_rgb
 from lt_finetune.validation import check_choice, check_float
 
 __all__ = ["ImageFolderDataModule"]
@@ -27,19 +28,62 @@ _SHOWN_PATHS = 5  # bad files listed in an error or warning
 
 
 class _ImageFileDataset(Dataset[tuple[Tensor, int]]):
-    """``(path, class index)`` samples read with PIL as RGB, like torchvision's ``ImageFolder``."""
+    """``(path, class index)`` samples read with PIL as RGB, like torchvision's ``ImageFolder``.
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Image.Image], Tensor]) -> None:
+    A file that cannot be decoded (corrupt pixel data passes :meth:`ImageFolderDataModule.setup`'s check) raises an
+    ``OSError`` naming it with ``on_bad_image="error"``; with ``"skip"`` the item is ``None``, :attr:`collate_fn`
+    leaves it out of its batch, and one warning per file names it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable[[Image.Image], Tensor],
+        on_bad_image: str = "error",
+        source: str | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.targets = [target for _, target in self.samples]
         self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.source = source
+        self.collate_fn = _collate_readable if on_bad_image == "skip" else None
+        self._warned: set[str] = set()
+
+    @property
+    def paths(self) -> list[str]:
+        """The image files, in dataset order."""
+        return [path for path, _ in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:  # type: ignore[override]
         path, target = self.samples[index]
-        return self.transform(pil_loader(path)), target
+        try:
+            image = load_rgb(path)
+        except OSError as err:
+            if self.on_bad_image == "error":
+                raise OSError(
+                    f"ImageFolderDataModule: {err}. Fix or remove it, or pass `on_bad_image='skip'` to leave "
+                    "unreadable files out with a warning."
+                ) from err
+            if path not in self._warned:
+                self._warned.add(path)
+                rank_zero_warn(f"ImageFolderDataModule: skipped an unreadable image (on_bad_image='skip'): {err}.")
+            return None
+        return self.transform(image), target
+
+
+def _collate_readable(batch: list[Any]) -> Any:
+    """``default_collate`` over the items that are not ``None`` (files skipped as unreadable)."""
+    items = [item for item in batch if item is not None]
+    if not items:
+        raise OSError(
+            f"ImageFolderDataModule: all {len(batch)} images of a batch are unreadable (on_bad_image='skip'); "
+            "see the warnings above for their files."
+        )
+    return default_collate(items)
 
 
 def _class_folders(folder: Path, arg: str) -> list[str]:
@@ -122,8 +166,9 @@ class ImageFolderDataModule(ImageDataModuleBase):
     Args:
         train_dir: Folder of training images, one sub-folder per class.
         val_dir: Folder of validation images with the same class sub-folders; ``None`` splits ``train_dir``.
-        test_dir: Folder of test images with the same class sub-folders; ``None`` for no test split (predict then
-            uses the validation split).
+        test_dir: Folder of test images with the same class sub-folders; ``None`` for no test split.
+        predict_dir: Folder of images to predict on, searched recursively; it needs no class sub-folders.
+            ``predict`` uses it, else the test split, else the validation split (and logs which).
         val_fraction: Fraction of every class held out for validation when ``val_dir`` is ``None``, in (0, 1).
         interpolation: Resize interpolation, one of ``nearest``, ``bilinear``, ``bicubic``, ``box``, ``hamming``,
             ``lanczos``.
@@ -149,6 +194,7 @@ class ImageFolderDataModule(ImageDataModuleBase):
         train_dir: str,
         val_dir: str | None = None,
         test_dir: str | None = None,
+        predict_dir: str | None = None,
         val_fraction: float = 0.2,
         interpolation: str = "bilinear",
         crop_pct: float | None = None,
@@ -157,13 +203,19 @@ class ImageFolderDataModule(ImageDataModuleBase):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value in (("train_dir", train_dir), ("val_dir", val_dir), ("test_dir", test_dir)):
+        for name, value in (
+            ("train_dir", train_dir),
+            ("val_dir", val_dir),
+            ("test_dir", test_dir),
+            ("predict_dir", predict_dir),
+        ):
             if not isinstance(value, (str, os.PathLike)) and not (value is None and name != "train_dir"):
                 allowed = "a folder path" + (" or None" if name != "train_dir" else "")
                 raise TypeError(f"Expected `{name}` to be {allowed}, got {value!r} of type {type(value).__name__}.")
         self.train_dir = str(train_dir)
         self.val_dir = None if val_dir is None else str(val_dir)
         self.test_dir = None if test_dir is None else str(test_dir)
+        self.predict_dir = None if predict_dir is None else str(predict_dir)
         self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         self.interpolation = check_choice("interpolation", interpolation, _INTERPOLATIONS)
         self.crop_pct = None if crop_pct is None else check_float("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
@@ -261,6 +313,8 @@ class ImageFolderDataModule(ImageDataModuleBase):
             FileNotFoundError: If a folder is missing, has no class sub-folders or has an empty class folder.
             ValueError: If the splits' class sets differ, or files cannot be opened with ``on_bad_image="error"``.
         """
+        if stage == "predict" and self.predict_dir is not None and self.predict_dataset is None:
+            self._setup_predict(self.predict_dir)
         if self.train_dataset is not None:
             return
         folders = {"train_dir": self.train_dir, "val_dir": self.val_dir, "test_dir": self.test_dir}
@@ -307,10 +361,33 @@ class ImageFolderDataModule(ImageDataModuleBase):
             train_samples = [train_samples[i] for i in train_idx.tolist()]
         else:
             val_samples = samples["val_dir"]
-        self.train_dataset = _ImageFileDataset(train_samples, self.train_transform)
-        self.val_dataset = _ImageFileDataset(val_samples, self.eval_transform)
+        skip = self.on_bad_image
+        self.train_dataset = _ImageFileDataset(train_samples, self.train_transform, skip)
+        self.val_dataset = _ImageFileDataset(val_samples, self.eval_transform, skip, "the validation split")
         if self.test_dir is not None:
-            self.test_dataset = _ImageFileDataset(samples["test_dir"], self.eval_transform)
+            self.test_dataset = _ImageFileDataset(samples["test_dir"], self.eval_transform, skip, "the test split")
+
+    def _setup_predict(self, folder: str) -> None:
+        """Build the predict split: every image file under ``folder``, unlabelled (target -1)."""
+        try:
+            files = image_files(folder)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"ImageFolderDataModule: `predict_dir` {err}") from None
+        bad = _bad_images(files)
+        if bad:
+            shown = "; ".join(f"'{path}' ({reason})" for path, reason in bad[:_SHOWN_PATHS])
+            more = f" and {len(bad) - _SHOWN_PATHS} more" if len(bad) > _SHOWN_PATHS else ""
+            if self.on_bad_image == "error" or len(bad) == len(files):
+                raise ValueError(
+                    f"ImageFolderDataModule: {len(bad)} image file(s) of `predict_dir` cannot be opened: {shown}"
+                    f"{more}. Fix or remove them, or pass `on_bad_image='skip'` to leave them out with a warning."
+                )
+            rank_zero_warn(f"ImageFolderDataModule: skipped {len(bad)} image file(s) of `predict_dir`: {shown}{more}.")
+            dropped = {path for path, _ in bad}
+            files = [f for f in files if f not in dropped]
+        source = f"predict_dir '{folder}'"
+        samples = [(f, -1) for f in files]
+        self.predict_dataset = _ImageFileDataset(samples, self.eval_transform, self.on_bad_image, source)
 
 
 def _check_rand_augment(config: str) -> None:

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tinymodels import ForeignModule, LRRecorder, TermsModule, flat_params, trainer
+from tinymodels import DomainModule, ForeignModule, LRRecorder, TermsModule, flat_params, trainer
 from torch.optim import lr_scheduler as S
 
 import lt_finetune.callbacks as callbacks_pkg
@@ -24,8 +24,26 @@ ARGS: dict[str, dict[str, Any]] = {
     "FreezeBackbone": {"unfreeze_at_epoch": 1},
     "GradualUnfreeze": {"every_n_steps": 3, "warmup_steps": 2},
     "LayerwiseLR": {"decay": 0.5},
+    "L2SP": {"alpha": 0.5, "beta": 0.1},
+    "BSS": {"weight": 0.05, "k": 2},
+    "EMA": {"decay": 0.8},
+    "LPFT": {"probe_steps": 4, "finetune_lr_factor": 0.5, "warmup_steps": 3},
+    "DomainAdapt": {"method": "cdan", "entropy": True, "hidden": 8},
 }
-CASES = [*callbacks_pkg.__all__, "combined", "two_of_a_kind", "example_policy", "example_loss_term"]
+CASES = [
+    *callbacks_pkg.__all__,
+    "combined",
+    "two_of_a_kind",
+    "example_policy",
+    "example_loss_term",
+    "averaging_with_policies",
+    "regularizers_with_policies",
+    "domain_adapt_with_policies",
+]
+#: Cases whose callbacks add loss terms: they run on a module that applies them.
+LOSS_TERM_CASES = {"example_loss_term", "L2SP", "BSS", "regularizers_with_policies"}
+#: Cases that train on CombinedLoader batches with a target stream (domain adaptation).
+DOMAIN_CASES = {"DomainAdapt", "domain_adapt_with_policies"}
 
 
 def make(case: str) -> list[pl.Callback]:
@@ -46,11 +64,33 @@ def make(case: str) -> list[pl.Callback]:
         return [extending.ThawAfterSteps(steps=5, head_factor=3.0), callbacks_pkg.LayerwiseLR(decay=0.7)]
     if case == "example_loss_term":
         return [extending.FeatureNormPenalty(weight=0.05), callbacks_pkg.GradualUnfreeze(every_n_steps=4)]
+    if case == "averaging_with_policies":
+        return [
+            callbacks_pkg.GradualUnfreeze(every_n_steps=3, warmup_steps=2),
+            callbacks_pkg.LayerwiseLR(decay=0.6),
+            callbacks_pkg.EMA(decay=0.7),
+        ]
+    if case == "regularizers_with_policies":
+        return [
+            callbacks_pkg.LPFT(probe_steps=3, finetune_lr_factor=0.5, warmup_steps=2),
+            callbacks_pkg.LayerwiseLR(decay=0.6),
+            callbacks_pkg.L2SP(alpha=0.5, beta=0.1),
+            callbacks_pkg.BSS(weight=0.05),
+            callbacks_pkg.EMA(decay=0.6, update_starting_at_step=4),
+        ]
+    if case == "domain_adapt_with_policies":
+        return [
+            callbacks_pkg.GradualUnfreeze(every_n_steps=3, warmup_steps=2),
+            callbacks_pkg.LayerwiseLR(decay=0.6),
+            callbacks_pkg.DomainAdapt(method="dann", hidden=8, adabn=True),
+        ]
     return [getattr(callbacks_pkg, case)(**ARGS[case])]
 
 
 def module(case: str, **kwargs: Any) -> pl.LightningModule:
-    return TermsModule(**kwargs) if case == "example_loss_term" else ForeignModule(**kwargs)
+    if case in DOMAIN_CASES:
+        return DomainModule(**kwargs)
+    return TermsModule(**kwargs) if case in LOSS_TERM_CASES else ForeignModule(**kwargs)
 
 
 def test_every_exported_callback_has_contract_arguments() -> None:
@@ -66,7 +106,7 @@ def _state(model: pl.LightningModule, trainer_: pl.Trainer) -> dict[str, Any]:
     return {
         "params": flat_params(model),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "lrs": [(g["name"], g["lr"], g.get("nominal_lr")) for g in opt.param_groups],
+        "lrs": [(g.get("name"), g["lr"], g.get("nominal_lr")) for g in opt.param_groups],
         "opt_state": [
             {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
             for g in opt.param_groups

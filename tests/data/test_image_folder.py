@@ -141,8 +141,9 @@ def test_predict_falls_back_to_val_and_test_loader_says_how_to_add_one(train_dir
     with pytest.raises(RuntimeError, match=r"no train dataset yet; call `setup\(\)` first"):
         dm.train_dataloader()
     dm.setup("fit")
-    (_, targets) = next(iter(dm.predict_dataloader()))
+    (_, targets, indices) = next(iter(dm.predict_dataloader()))
     assert targets.tolist() == [t for _, t in dm.val_dataset.samples]
+    assert indices.tolist() == list(range(len(dm.val_dataset)))
     with pytest.raises(RuntimeError, match=r"has no test split; pass `test_dir`"):
         dm.test_dataloader()
 
@@ -249,3 +250,24 @@ def test_class_left_empty_by_skipping_is_named(train_dir: Path) -> None:
         path.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="skipped 2"), pytest.raises(ValueError, match=r"every image file in .*emu'"):
         _dm(train_dir, on_bad_image="skip").setup("fit")
+
+
+def test_predict_dir_is_searched_recursively_without_class_folders(tmp_path: Path, train_dir: Path) -> None:
+    new = _write_images(tmp_path / "new", {"a": 2, "b/c": 1}, fmt="jpg")
+    Image.new("L", (9, 7)).save(new / "gray.png")
+    (new / ".hidden.png").write_bytes((new / "gray.png").read_bytes())
+    (new / "notes.txt").write_text("not an image")
+    dm = _dm(train_dir, predict_dir=str(new), batch_size=10)
+    dm.setup("predict")
+    images, targets, indices = next(iter(dm.predict_dataloader()))
+    expected = sorted([str(new / "gray.png"), *(str(p) for p in new.rglob("img_*.jpg"))])
+    assert dm.predict_dataset.paths == expected and len(expected) == 4
+    assert tuple(images.shape) == (4, 3, 16, 16) and targets.tolist() == [-1] * 4 and indices.tolist() == [0, 1, 2, 3]
+
+
+def test_predict_dir_errors_name_the_argument(tmp_path: Path, train_dir: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for folder, match in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no image files")):
+        dm = _dm(train_dir, predict_dir=str(folder))
+        with pytest.raises(FileNotFoundError, match=f"`predict_dir` '{folder}' {match}"):
+            dm.setup("predict")
