@@ -238,7 +238,12 @@ def few_equal_section(result: dict[str, Any], goals: list[Goal]) -> list[str]:
             "",
         ]
         if not goal.met:
-            lines += [_tried(ours), ""]
+            listed = ", ".join(f"`{n}` ({m:.3f})" for n, m in sorted(ours.items(), key=lambda kv: -kv[1]))
+            lines += [
+                f"Goal not met. Tried the recipes of this run, {listed}, with the section-5 hyper-parameters; "
+                "nothing was tuned on the test split.",
+                "",
+            ]
     if data["skipped"]:
         lines += ["Skipped recipes: " + ", ".join(f"`{k}` ({v})" for k, v in data["skipped"].items()) + ".", ""]
     return lines
