@@ -35,9 +35,18 @@ from lt_finetune.freezing import BN_MODES
 from lt_finetune.snapshot import load_snapshots, save_snapshots
 from lt_finetune.validation import check_choice
 
-__all__ = ["FinetunePolicy", "check_strategy"]
+__all__ = ["LIGHTNING_LOGGING_ATTRS", "FinetunePolicy", "check_strategy", "detach_lightning_logging"]
 
-_PER_FIT_ATTRS = ("_coordinator", "log", "log_dict")
+#: Attributes Lightning attaches to every callback at fit start: the model's bound `log` and `log_dict`. Left in
+#: place they keep the model, its trainer and its optimizer alive as long as the callback.
+LIGHTNING_LOGGING_ATTRS = ("log", "log_dict")
+_PER_FIT_ATTRS = ("_coordinator", *LIGHTNING_LOGGING_ATTRS)
+
+
+def detach_lightning_logging(callback: object) -> None:
+    """Drop what Lightning attached to ``callback`` for a fit (it attaches it again at the next one)."""
+    for name in LIGHTNING_LOGGING_ATTRS:
+        callback.__dict__.pop(name, None)
 
 
 class FinetunePolicy(pl.Callback):
@@ -222,10 +231,7 @@ class FinetunePolicy(pl.Callback):
         if self._coordinator is not None:
             self._coordinator.detach(pl_module)
             self._coordinator = None
-        # Lightning attaches the model's `log` and `log_dict` to every callback at fit start (and again at the next
-        # one); left in place they keep the model, its trainer and its optimizer alive as long as the callback.
-        for name in ("log", "log_dict"):
-            self.__dict__.pop(name, None)
+        detach_lightning_logging(self)
 
     def _refresh(self, trainer: pl.Trainer) -> None:
         coordinator = self._coordinator

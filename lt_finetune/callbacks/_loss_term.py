@@ -9,9 +9,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lt_finetune.loss_terms import StepOutputs
+from lt_finetune.policy import LIGHTNING_LOGGING_ATTRS, detach_lightning_logging
 from lt_finetune.snapshot import load_snapshots, save_snapshots
 
-_PER_FIT_ATTRS = ("_module", "log", "log_dict")
+_PER_FIT_ATTRS = ("_module", *LIGHTNING_LOGGING_ATTRS)
 
 
 class LossTermCallback(pl.Callback):
@@ -111,5 +112,4 @@ class LossTermCallback(pl.Callback):
         if callable(remove) and terms.get(self.term_name) == self.term:
             remove(self.term_name)
         self._module = None
-        for name in ("log", "log_dict"):
-            self.__dict__.pop(name, None)
+        detach_lightning_logging(self)

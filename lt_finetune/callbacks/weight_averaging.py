@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, Wei
 from torch import Tensor
 from typing_extensions import override
 
+from lt_finetune.policy import LIGHTNING_LOGGING_ATTRS, detach_lightning_logging
 from lt_finetune.snapshot import load_snapshots, save_snapshots
 from lt_finetune.validation import check_bool, check_float, check_int, check_optional_int
 
@@ -31,7 +32,7 @@ __all__ = ["EMA", "check_weight_averaging"]
 
 # Per-fit bookkeeping lt_finetune keeps on the model: not copied into the averaged model.
 _MODULE_ATTRS = ("_lt_finetune_snapshots", "_lt_finetune_loss_terms", "_lt_finetune_loss_term_calls")
-_PER_FIT_ATTRS = ("log", "log_dict")
+_PER_FIT_ATTRS = LIGHTNING_LOGGING_ATTRS
 
 
 def check_weight_averaging(callbacks: Sequence[Callback]) -> None:
@@ -101,8 +102,7 @@ class _Averaging:
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)  # type: ignore[misc]
-        for name in _PER_FIT_ATTRS:
-            self.__dict__.pop(name, None)
+        detach_lightning_logging(self)
 
 
 class _EMAUpdate:
