@@ -1,5 +1,6 @@
 """lt_finetune: transfer learning with PyTorch Lightning that stays correct."""
 
+from lt_finetune._version import __version__
 from lt_finetune.backbones import backbone_data_config, create_backbone
 from lt_finetune.callbacks import FreezeBackbone, GradualUnfreeze, LayerwiseLR
 from lt_finetune.extras import add_trainable_module
@@ -8,8 +9,6 @@ from lt_finetune.loss_terms import LossTermsMixin, StepOutputs
 from lt_finetune.module import TransferModule
 from lt_finetune.policy import FinetunePolicy
 from lt_finetune.snapshot import pretrained_snapshot
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FinetunePolicy",

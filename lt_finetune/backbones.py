@@ -334,7 +334,11 @@ def _download_error(what: str, name: str, err: BaseException) -> OSError:
 
 def _read_weights_file(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Weights file {path!r} does not exist; check the `pretrained` path.")
+        raise FileNotFoundError(
+            f"Weights file {path!r} does not exist (from the working directory {os.getcwd()!r}); check the "
+            "`pretrained` path. In a config file given to `lt-finetune --config`, a relative path may also be "
+            "relative to the config file's folder."
+        )
     if path.endswith(".safetensors"):
         import safetensors.torch
 

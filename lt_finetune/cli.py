@@ -18,9 +18,11 @@ Usage::
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 from jsonargparse.typing import Path_fr, PositiveInt
@@ -30,7 +32,7 @@ from typing_extensions import override
 import lt_finetune.data  # noqa: F401  (registers the datamodules: listed in --help, usable by short name)
 from lt_finetune.module import TransferModule
 
-__all__ = ["FinetuneCLI", "main"]
+__all__ = ["FinetuneArgumentParser", "FinetuneCLI", "class_path_hint", "main", "resolve_config_paths"]
 
 _DESCRIPTION = (
     "Fine-tune a pretrained backbone: fit, validate, test and predict run a Trainer; "
@@ -42,9 +44,44 @@ _PLANNING_SUBCOMMANDS = {
     "preview": "Compute and plot the fine-tuning plan of a fit config, without training.",
     "export": "Export a checkpoint to TorchScript or ONNX, with its class names and preprocessing beside it.",
     "soup": "Average checkpoints (uniform and greedy soups, WiSE-FT sweep), scored on validation data.",
+    "rank": "Score candidate backbones on the training data (LogME, H-score, LEEP, NCE) and recommend one.",
+    "advise": "Recommend a fine-tuning recipe from the data and the backbone, and write it as a fit config.",
 }
 #: Subcommands that build no Trainer, model or datamodule from the config.
 _STANDALONE = ("groups", "export")
+
+
+class FinetuneArgumentParser(LightningArgumentParser):
+    """The CLI's parser: an error about a misspelled class name says which names are close."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(message + class_path_hint(message), ex)
+
+
+def class_path_hint(message: str) -> str:
+    """For ``module 'm' has no attribute 'Name'`` in a parse error, the close names that ``m`` does have.
+
+    Example::
+
+        >>> print(class_path_hint("module 'lt_finetune.callbacks' has no attribute 'FreezeBakbone'"), end="")
+        <BLANKLINE>
+        Did you mean: lt_finetune.callbacks.FreezeBackbone?
+    """
+    import difflib
+    import importlib
+    import re
+
+    hints = []
+    for module_name, name in re.findall(r"module '([\w.]+)' has no attribute '(\w+)'", message):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(name, public, n=3, cutoff=0.6)
+        hints += [f"{module_name}.{c}" for c in close]
+    return f"\nDid you mean: {' or '.join(dict.fromkeys(hints))}?" if hints else ""
 
 
 class FinetuneCLI(LightningCLI):
@@ -70,6 +107,8 @@ class FinetuneCLI(LightningCLI):
             ("preview", self._preview_parser),
             ("export", self._export_parser),
             ("soup", self._soup_parser),
+            ("rank", self._rank_parser),
+            ("advise", self._advise_parser),
         ):
             description = _PLANNING_SUBCOMMANDS[name]
             subparser = build(**{"description": description, **kwargs.get(name, {})})
@@ -98,6 +137,28 @@ class FinetuneCLI(LightningCLI):
         from lt_finetune.soup_command import run_soup
 
         run_soup(self)
+
+    def _rank_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        from lt_finetune.rank_command import rank_parser
+
+        return rank_parser(self, **kwargs)
+
+    def rank(self) -> None:
+        """Score candidate backbones on the training data (``rank``); see :mod:`lt_finetune.rank_command`."""
+        from lt_finetune.rank_command import run_rank
+
+        run_rank(self)
+
+    def _advise_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        from lt_finetune.advise_command import advise_parser
+
+        return advise_parser(self, **kwargs)
+
+    def advise(self) -> None:
+        """Recommend a recipe and write it as a fit config (``advise``); see :mod:`lt_finetune.advise_command`."""
+        from lt_finetune.advise_command import run_advise
+
+        run_advise(self)
 
     def _export_parser(self, **kwargs: Any) -> LightningArgumentParser:
         from lt_finetune.export import EXPORT_FORMATS
@@ -136,11 +197,32 @@ class FinetuneCLI(LightningCLI):
             super()._parse_ckpt_path()
 
     @override
+    def before_instantiate_classes(self) -> None:
+        """Resolve relative input paths of a config file against the file's folder when the cwd lacks them."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and self.subcommand not in _STANDALONE:
+            resolve_config_paths(config)
+
+    @override
     def instantiate_classes(self) -> None:
         if self.subcommand in _STANDALONE:
             self.config_init = self.parser.instantiate_classes(self.config)
             return
         super().instantiate_classes()
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """``predict`` logs nothing: without a logger of the config's own it makes no ``version_N`` folder."""
+        if self.subcommand != "predict" or self._get(self.config_init, "trainer", default={}).get("logger") not in (
+            None,
+            True,
+        ):
+            return super().instantiate_trainer(**kwargs)
+        saved, self.save_config_callback = self.save_config_callback, None  # its config.yaml would go there too
+        try:
+            return super().instantiate_trainer(**{"logger": False, **kwargs})
+        finally:
+            self.save_config_callback = saved
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
@@ -168,6 +250,9 @@ class FinetuneCLI(LightningCLI):
         backbone, _ = create_backbone(name, pretrained=False)
         print(f"Layer groups of {name} (input side first; the task head is the group 'head'):")
         print(format_groups(layer_groups(backbone)))
+        from lt_finetune.lora import lora_summary
+
+        print(lora_summary(backbone))  # what LoRA() wraps when given no target_modules
 
     def preview(self) -> None:
         """Print the fine-tuning plan as a table and plot it (``preview``)."""
@@ -190,6 +275,11 @@ class FinetuneCLI(LightningCLI):
         options = self.config["export"]
         ckpt = options.ckpt_path.absolute
         model = TransferModule.load_from_checkpoint(ckpt, map_location="cpu")
+        from lt_finetune.lora import merge_lora
+
+        merged = merge_lora(model.backbone)  # the same function with plain layers: no adapter matmuls at inference
+        if merged:
+            print(f"Merged the LoRA adapters of {merged} layers into their weights")
         output = options.output or default_output(ckpt, options.format)
         path, sidecar = export_model(model, output, options.format)
         print(f"Exported {options.format} model to {path} (class names and preprocessing in {sidecar})")
@@ -225,7 +315,6 @@ class FinetuneCLI(LightningCLI):
         confusion = getattr(model, "test_confusion_matrix", None)
         if confusion is None or not self.trainer.is_global_zero:
             return
-        import os
 
         from lt_finetune.report import per_class_table, plot_confusion_matrix
 
@@ -236,6 +325,30 @@ class FinetuneCLI(LightningCLI):
             confusion, classes, os.path.join(self.trainer.default_root_dir, "confusion_matrix.png")
         )
         print(f"Confusion matrix written to {path}")
+
+
+#: Input paths a config may give: the weights file, and the image folders of ImageFolderDataModule.
+_INPUT_PATHS = ("model.pretrained", *(f"data.init_args.{split}_dir" for split in ("train", "val", "test", "predict")))
+
+
+def resolve_config_paths(config: Any) -> None:
+    """Make relative input paths work from any working directory, in place.
+
+    A relative ``model.pretrained`` or image folder that exists from the working directory is kept, as Lightning
+    reads every path; one that does not, but exists beside a config file given with ``--config`` (the last one
+    first), is taken from there. So ``lt-finetune fit --config examples/configs/x.yaml`` finds the files
+    ``x.yaml`` names relative to itself, from the repository root or anywhere else.
+    """
+    given = config.get("config") or []
+    given = given if isinstance(given, list) else [given]
+    folders = [Path(str(getattr(c, "absolute", c))).parent for c in reversed(given) if c]
+    for key in _INPUT_PATHS:
+        value = config.get(key)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or os.path.exists(value):
+            continue
+        found = next((folder / value for folder in folders if (folder / value).exists()), None)
+        if found is not None:
+            config[key] = os.path.normpath(found)
 
 
 def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:
@@ -250,6 +363,9 @@ def _cli(args: Sequence[str], run: bool = True) -> FinetuneCLI:
             run=run,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": _DESCRIPTION},
+            parser_class=FinetuneArgumentParser,
+            # A run killed during a save keeps its previous last.ckpt whole (lt_finetune.checkpoint_io).
+            trainer_defaults={"plugins": {"class_path": "lt_finetune.checkpoint_io.AtomicCheckpointIO"}},
             auto_configure_optimizers=False,
         )
     finally:

@@ -115,7 +115,7 @@ class Coordinator:
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedulers: list[Any] = []
         self.ddp_managed: set[int] | None = None
-        self._synced_step = -1
+        self._synced_step: Any = None
         for policy in self.policies:
             policy.validate(self.names, self.extras)
             policy.reset()
@@ -216,8 +216,14 @@ class Coordinator:
 
     # -- 4. DDP gradient sync ----------------------------------------------------------------------------------
 
-    def sync_gradients(self, step: int) -> None:
-        """Average, across DDP processes, the gradients DDP does not manage; once per optimizer step."""
+    def sync_gradients(self, step: Any) -> None:
+        """Average, across DDP processes, the gradients DDP does not manage; once per ``step`` key.
+
+        The policies call it after the last backward of an optimizer step, keyed by ``(global_step, batch_idx)``,
+        before a 16-bit grad scaler unscales and checks for inf/nan, so every rank reaches the same verdict; and
+        again before the optimizer step, which is a no-op when that key was synced. Averaging is linear, so a
+        call after an earlier micro-batch of gradient accumulation is harmless: the next one averages the rest.
+        """
         if self.ddp_managed is None or self._synced_step == step:
             return
         self._synced_step = step

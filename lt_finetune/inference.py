@@ -249,8 +249,8 @@ class PredictionWriter(BasePredictionWriter):
     ``(images, targets, indices)`` (as the datamodules' predict loaders yield) keep each row on its image even
     when unreadable files are skipped. Class names come from the model (``pl_module.classes``, restored from the
     checkpoint) or else the datamodule. ``lt-finetune predict`` adds one writing
-    ``<default_root_dir>/predictions.csv`` when the config has none. Single-process only: under DDP, rank zero
-    writes the rows it predicted.
+    ``<default_root_dir>/predictions.csv`` when the config has none. Under DDP the ranks' rows are gathered and
+    rank zero writes one row per image, in the dataset's order, as a single process does.
 
     Args:
         output: CSV file to write; a relative path is taken under the trainer's ``default_root_dir``.
@@ -302,13 +302,14 @@ class PredictionWriter(BasePredictionWriter):
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self._probabilities:
+        gathered = _gather_rows(trainer, self._indices, self._probabilities)
+        self._probabilities, self._indices = [], []
+        if not trainer.is_global_zero or gathered is None:
             return
+        indices, probabilities = gathered
         loaders = trainer.predict_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         dataset = getattr(loader, "dataset", None)
-        indices = torch.cat(self._indices).tolist()
-        probabilities = torch.cat(self._probabilities)
         task = str(getattr(pl_module, "task", "multiclass"))
         classes = _class_names(
             pl_module, getattr(trainer, "datamodule", None), probabilities.shape[-1] if probabilities.ndim > 1 else 2
@@ -325,7 +326,32 @@ class PredictionWriter(BasePredictionWriter):
         self.written = path
         source = getattr(dataset, "source", None)
         rank_zero_info(f"Wrote {count} predictions{f' of {source}' if source else ''} to {path}")
-        self._probabilities, self._indices = [], []
+
+
+def _gather_rows(
+    trainer: pl.Trainer, indices: list[Tensor], probabilities: list[Tensor]
+) -> tuple[list[int], Tensor] | None:
+    """Every rank's rows, on every rank: one row per dataset index, in index order (or None when there are none).
+
+    Under DDP each rank predicts its share of the dataset (and ``DistributedSampler`` repeats a few images to even
+    the shares out): the rows are gathered, de-duplicated by index and sorted, so the CSV matches a single process.
+    """
+    mine = (torch.cat(indices), torch.cat(probabilities)) if indices else None
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        every, rows = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        order: dict[int, int] = {}
+        for position, index in enumerate(every.tolist()):
+            order.setdefault(index, position)
+        kept = sorted(order)
+        return kept, rows[[order[i] for i in kept]]
+    if mine is None:
+        return None
+    return mine[0].tolist(), mine[1]
 
 
 def _class_names(pl_module: Any, datamodule: Any, count: int) -> list[str]:

@@ -16,18 +16,27 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MulticlassConfusionMatrix
 from typing_extensions import override
 
+from lt_finetune._version import VERSION_KEY, __version__
 from lt_finetune.backbones import backbone_data_config, create_backbone
 from lt_finetune.extras import EXTRA_MODULES, trainable_modules
+from lt_finetune.feature_cache import FeatureBatch
 from lt_finetune.groups import LayerGroup, layer_groups
 from lt_finetune.inference import CHECKPOINT_KEY, ImagePrediction, inference_settings, predict_images
+from lt_finetune.lora import restore_lora, save_lora
 from lt_finetune.loss_terms import LossTermsMixin, StepOutputs, StreamOutputs, split_batch
 from lt_finetune.optim import build_param_groups
+from lt_finetune.slim import restore_slim_checkpoint, slim_checkpoint
 from lt_finetune.snapshot import load_snapshots, save_snapshots
 from lt_finetune.validation import check_choice, check_float, check_int
 
 Task = Literal["multiclass", "multilabel", "binary"]
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+# A scheduler return type (not Any) lets LightningCLI build one from `class_path` and `init_args` in YAML.
+SchedulerFactory = Callable[
+    [torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+]
+#: What a ``ReduceLROnPlateau`` scheduler watches unless ``scheduler_monitor`` says otherwise.
+DEFAULT_PLATEAU_MONITOR = "val/loss"
 
 __all__ = ["TransferModule", "WarmupCosine"]
 
@@ -91,7 +100,11 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         weight_decay: Weight decay of the default optimizer (never applied to norms and biases).
         optimizer: Optimizer factory taking the param groups (LightningCLI: ``--model.optimizer SGD``);
             ``None`` gives AdamW with ``lr`` and ``weight_decay``.
-        scheduler: Scheduler factory taking the optimizer, stepped every step; ``None`` gives ``schedule``.
+        scheduler: Scheduler factory taking the optimizer, stepped every step (LightningCLI: ``class_path`` and
+            ``init_args``); a ``ReduceLROnPlateau`` is stepped every epoch on ``scheduler_monitor``. ``None``
+            gives ``schedule``.
+        scheduler_monitor: Logged metric a ``ReduceLROnPlateau`` scheduler watches; ``None`` for ``"val/loss"``.
+            Other schedulers watch none, so it must be ``None`` with them.
         schedule: Default schedule: ``"cosine"`` (linear warm-up over ``warmup_fraction`` of the steps, then
             cosine to 0, per step) or ``"constant"``.
         warmup_fraction: Fraction of the total steps used for warm-up by the default schedule.
@@ -116,6 +129,7 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         weight_decay: float = 0.05,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        scheduler_monitor: str | None = None,
         schedule: Literal["cosine", "constant"] = "cosine",
         warmup_fraction: float = 0.05,
         input_size: tuple[int, int, int] = (3, 224, 224),
@@ -133,6 +147,8 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         check_float("lr", lr, 0.0, low_open=True)
         check_float("weight_decay", weight_decay, 0.0)
         check_choice("schedule", schedule, ("cosine", "constant"))
+        if scheduler_monitor is not None and (not isinstance(scheduler_monitor, str) or not scheduler_monitor):
+            raise TypeError(f"Expected `scheduler_monitor` to be a metric name or None, got {scheduler_monitor!r}.")
         if pretrained is not None and not isinstance(pretrained, (bool, str)):
             raise TypeError(
                 f"Expected `pretrained` to be a bool or a weights file path, got {pretrained!r} of type "
@@ -147,6 +163,7 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         self.task = task
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.scheduler_monitor = scheduler_monitor
         metrics = _metrics(task, num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -290,6 +307,7 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         if self.task == "multiclass":
             if target.is_floating_point() and target.ndim == 2:  # soft targets from Mixup/CutMix
                 return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            _check_targets(target, logits.shape[-1])
             return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
         if self.task == "binary":
             logits = logits.squeeze(-1)
@@ -312,7 +330,8 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
             features, *stream_features = features_all.split(sizes)
             logits, *stream_logits = logits_all.split(sizes)
         else:
-            features = self.forward_features(x)
+            # A FeatureBatch holds backbone features cached by CachedProbe: only the head runs.
+            features = x if isinstance(batch, FeatureBatch) else self.forward_features(x)
             logits = self.forward_head(features)
             stream_features, stream_logits = [], []
         loss = self._loss(logits, target)
@@ -405,17 +424,60 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         optimizer, scheduler = self.build_optimizer(total)
         if scheduler is None:
             return optimizer
+        monitor = self.scheduler_monitor
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Per epoch: its metric is logged once an epoch, and each step would count as an epoch without progress.
+            config = {"scheduler": scheduler, "interval": "epoch", "monitor": monitor or DEFAULT_PLATEAU_MONITOR}
+            return {"optimizer": optimizer, "lr_scheduler": config}
+        if monitor is not None:
+            raise ValueError(
+                f"TransferModule(scheduler_monitor={monitor!r}) names the metric a ReduceLROnPlateau scheduler "
+                f"watches, but the scheduler is a {type(scheduler).__name__}, which watches none; remove "
+                "`scheduler_monitor`."
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """Check that each ``ReduceLROnPlateau``'s metric was logged, before Lightning steps the scheduler on it.
+
+        Raises:
+            ValueError: If the metric was not logged by the end of the epoch; the message lists what was.
+        """
+        trainer = self.trainer
+        logged = trainer.callback_metrics
+        for config in trainer.lr_scheduler_configs:
+            if not config.reduce_on_plateau or config.interval != "epoch" or config.monitor in logged:
+                continue
+            watched = config.monitor
+            hint = (
+                " Validation logs it: give the fit validation data and validate every epoch, or watch a training "
+                "metric such as 'train/loss'."
+                if str(watched).startswith("val/")
+                else ""
+            )
+            raise ValueError(
+                f"TransferModule(scheduler_monitor={self.scheduler_monitor!r}): ReduceLROnPlateau watches "
+                f"{watched!r}, which was not logged by the end of epoch {trainer.current_epoch}; logged: "
+                f"{sorted(logged)}. Set `scheduler_monitor` to a metric logged every epoch.{hint}"
+            )
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_snapshots(self, checkpoint)
+        checkpoint[VERSION_KEY] = __version__
         if self.inference is not None:
             checkpoint[CHECKPOINT_KEY] = self.inference
+        save_lora(self, checkpoint)  # the adapter layout, so that loading can re-create the adapters
+        slim_checkpoint(self, checkpoint)  # last: leaves out pretrained tensors (SlimCheckpoint), snapshot included
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_matches(checkpoint)
+        restore_slim_checkpoint(self, checkpoint)  # a slim checkpoint's pretrained tensors, before anything reads them
         load_snapshots(self, checkpoint)
+        # LoRA adapters (lt_finetune.lora) before the weights are loaded: the state dict has their parameters.
+        restore_lora(self, checkpoint)
         if CHECKPOINT_KEY in checkpoint:
             self.inference = dict(checkpoint[CHECKPOINT_KEY])
             self._check_datamodule_preprocessing()
@@ -430,6 +492,47 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
                 del state[key]
             rank_zero_info(f"lt_finetune: the checkpoint's extra modules {dropped} are not used by this model.")
 
+    def _check_checkpoint_matches(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another backbone or head size with the fix, before Lightning's key-by-key error."""
+        written = str(checkpoint.get(VERSION_KEY, "0.1.0 or earlier"))
+        saved = (checkpoint.get("hyper_parameters") or {}).get("backbone")
+        mine = self.hparams.get("backbone")
+        if isinstance(saved, str) and isinstance(mine, str) and saved != mine:
+            raise ValueError(
+                f"The checkpoint was written by TransferModule(backbone={saved!r}); this model has "
+                f"backbone={mine!r}. To resume or evaluate it, build the model with backbone={saved!r} "
+                "(`TransferModule.load_from_checkpoint(path)` does); to fine-tune another backbone, start without "
+                "`ckpt_path`."
+            )
+        head = (checkpoint.get("state_dict") or {}).get("head.1.weight")
+        own: torch.Tensor = self.head[1].weight  # type: ignore[assignment]
+        if isinstance(head, torch.Tensor) and head.shape != own.shape:
+            raise ValueError(
+                f"The checkpoint's head has {head.shape[0]} outputs and {head.shape[1]} input features; this model's "
+                f"has {own.shape[0]} and {own.shape[1]}. Build it with the checkpoint's `num_classes` and `task` "
+                "(`TransferModule.load_from_checkpoint(path)` reads them from the checkpoint)."
+            )
+        if _newer(written, __version__):
+            rank_zero_warn(
+                f"lt_finetune: the checkpoint was written by lt_finetune {written}, newer than this {__version__}; "
+                "if it does not load, upgrade (`pip install -U lt_finetune`)."
+            )
+
+    @override
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            missing = sorted(set(self.state_dict()) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(self.state_dict()))
+            raise ValueError(
+                f"These weights do not fit {type(self).__name__}(backbone={self.hparams.get('backbone')!r}): "
+                f"{len(missing)} missing keys ({_shown(missing, 3)}), {len(unexpected)} unexpected "
+                f"({_shown(unexpected, 3)}). Was it written with another backbone, head or lt_finetune version? "
+                "Build the model with the checkpoint's arguments (`TransferModule.load_from_checkpoint(path)`)."
+                f"\n{error}"
+            ) from error
+
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint offline: the weights come from the checkpoint, so pretrained ones are not loaded.
@@ -438,6 +541,26 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         """
         kwargs.setdefault("pretrained", False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+def _newer(version: str, than: str) -> bool:
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+
+    return parts(version) > parts(than)
+
+
+def _check_targets(target: torch.Tensor, num_classes: int) -> None:
+    """Class indices outside ``[0, num_classes)`` are a configuration error: say so, not an index error."""
+    if target.numel() == 0 or target.is_floating_point():
+        return
+    low, high = (int(v) for v in torch.aminmax(target))
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"TransferModule(num_classes={num_classes}) got a target class {high if high >= num_classes else low}: "
+            f"class indices must lie in [0, {num_classes - 1}]. Set `num_classes` to the number of classes in the "
+            "data (with lt_finetune's datamodules the CLI links it from `data.num_classes`)."
+        )
 
 
 def tuple_(value: Any) -> Any:

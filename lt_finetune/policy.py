@@ -26,10 +26,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lt_finetune._log import info
 from lt_finetune.coordinator import Coordinator
 from lt_finetune.freezing import BN_MODES
 from lt_finetune.snapshot import load_snapshots, save_snapshots
@@ -40,7 +40,7 @@ __all__ = ["LIGHTNING_LOGGING_ATTRS", "FinetunePolicy", "check_strategy", "detac
 #: Attributes Lightning attaches to every callback at fit start: the model's bound `log` and `log_dict`. Left in
 #: place they keep the model, its trainer and its optimizer alive as long as the callback.
 LIGHTNING_LOGGING_ATTRS = ("log", "log_dict")
-_PER_FIT_ATTRS = ("_coordinator", *LIGHTNING_LOGGING_ATTRS)
+_PER_FIT_ATTRS = ("_coordinator", "_checkpoint_groups", "_batch_idx", *LIGHTNING_LOGGING_ATTRS)
 
 
 def detach_lightning_logging(callback: object) -> None:
@@ -88,6 +88,7 @@ class FinetunePolicy(pl.Callback):
         self.backbone = backbone
         self.bn_mode: str = check_choice("bn_mode", bn_mode, BN_MODES)
         self._coordinator: Coordinator | None = None
+        self._checkpoint_groups: list[list[Any]] | None = None
 
     # -- configuration ---------------------------------------------------------------------------------------
 
@@ -158,6 +159,9 @@ class FinetunePolicy(pl.Callback):
                     f"{type(policy).__name__}(backbone={policy.backbone!r}) disagrees with {owner}"
                     f"(backbone={self.backbone!r}). Give every fine-tuning callback of a fit the same backbone."
                 )
+        from lt_finetune.callbacks.weight_averaging import check_weight_averaging  # the callbacks import this module
+
+        check_weight_averaging(trainer.callbacks)  # type: ignore[attr-defined]
         keys = [p.state_key for p in policies]
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
@@ -184,6 +188,7 @@ class FinetunePolicy(pl.Callback):
             )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         coordinator.attach_optimizer(trainer.optimizers[0], schedulers)
+        self._check_checkpoint_optimizer(trainer.optimizers[0], coordinator)
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             # DDP registered exactly the parameters that required grad when it wrapped the model (just now).
             coordinator.ddp_managed = {id(p) for p in trainer.strategy.model.parameters() if p.requires_grad}
@@ -197,14 +202,24 @@ class FinetunePolicy(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._batch_idx = batch_idx
         self._refresh(trainer)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the last backward of the step, before a 16-bit grad scaler unscales the gradients and looks for
+        # inf/nan: averaged here, every rank sees the same gradients and so skips (or takes) the same steps.
+        batch_idx = getattr(self, "_batch_idx", 0)
+        last = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch
+        if self._coordinator is not None and last:
+            self._coordinator.sync_gradients((trainer.global_step, batch_idx))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._coordinator is not None:
-            self._coordinator.sync_gradients(trainer.global_step)
+        if self._coordinator is not None:  # a no-op when on_after_backward synced this step
+            self._coordinator.sync_gradients((trainer.global_step, getattr(self, "_batch_idx", 0)))
 
     @override
     def on_save_checkpoint(
@@ -217,6 +232,28 @@ class FinetunePolicy(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         load_snapshots(pl_module, checkpoint)
+        self._checkpoint_groups = [
+            [group.get("layer_group") for group in state.get("param_groups", [])]
+            for state in checkpoint.get("optimizer_states", [])
+        ]
+
+    def _check_checkpoint_optimizer(self, optimizer: torch.optim.Optimizer, coordinator: Coordinator) -> None:
+        # Lightning loads the optimizer state after on_fit_start and, on a group-count mismatch, says only "loaded
+        # state dict has a different number of parameter groups": say which run wrote what, and the fix.
+        saved, self._checkpoint_groups = getattr(self, "_checkpoint_groups", None), None
+        if not saved or len(saved) != 1:
+            return
+        now = [group.get("layer_group") for group in optimizer.param_groups]
+        if len(saved[0]) == len(now):
+            return
+        owners = ", ".join(sorted({type(p).__name__ for p in coordinator.policies}))
+        written = "without lt_finetune's callbacks" if not any(saved[0]) else "with other fine-tuning callbacks"
+        raise ValueError(
+            f"The checkpoint's optimizer has {len(saved[0])} param group(s); with {owners} it has {len(now)} "
+            f"(layer groups {', '.join(map(str, now))}): the checkpoint was written {written}, so its optimizer state "
+            "cannot be resumed. Resume with the callbacks it was written with, or start a new fit from its weights: "
+            "`model = YourModule.load_from_checkpoint(path)`, then `trainer.fit(model)` without `ckpt_path`."
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -277,15 +314,17 @@ def _log_trainable(trainer: pl.Trainer, coordinator: Coordinator, unfrozen: Sequ
     if unfrozen:
         count = sum(p.numel() for name in unfrozen for p in coordinator.params[name])
         lr = coordinator.lr_of(unfrozen[-1])
-        rank_zero_info(
+        info(
             f"lt_finetune: epoch {epoch}, step {step}: unfroze {', '.join(unfrozen)} "
-            f"({human_count(count)} params) at lr {lr:.3g}; {human_count(trainable)} trainable."
+            f"({human_count(count)} params) at lr {lr:.3g}; {human_count(trainable)} trainable.",
+            trainer,
         )
     else:
         frozen = [n for n in coordinator.order if n in coordinator.frozen]
-        rank_zero_info(
+        info(
             f"lt_finetune: {len(frozen)} of {len(coordinator.names)} backbone groups frozen; "
-            f"{human_count(trainable)} of {human_count(coordinator.total_params)} parameters trainable."
+            f"{human_count(trainable)} of {human_count(coordinator.total_params)} parameters trainable.",
+            trainer,
         )
     metrics = {
         "finetune/trainable_params": float(trainable),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from lt_finetune.extras import EXTRA_MODULES
+from lt_finetune.lora import restore_lora
 from lt_finetune.soups import (
     SweepPoint,
     greedy_soup,
@@ -66,6 +67,8 @@ def run_soup(cli: LightningCLI) -> dict[str, Any]:
     options = cli.config["soup"]
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     metric = options.metric
+    loaded = [load_state(path) for path in options.checkpoints]
+    restore_lora(model, loaded[0][1])  # LoRA checkpoints: the config's model gets the adapters their weights need
     keys = set(model.state_dict())
 
     def evaluate(state: dict[str, Tensor]) -> float:
@@ -75,7 +78,6 @@ def run_soup(cli: LightningCLI) -> dict[str, Any]:
             raise ValueError(f"Validation logged no {metric!r}; it logged {sorted(results[0]) if results else []}.")
         return float(results[0][metric])
 
-    loaded = [load_state(path) for path in options.checkpoints]
     states = [_model_state(state, keys) for state, _ in loaded]
     rows: list[tuple[str, float]] = []
     individual = [evaluate(s) for s in states]

@@ -37,6 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lt_finetune._version import VERSION_KEY
+from lt_finetune.inference import CHECKPOINT_KEY as INFERENCE_KEY
+from lt_finetune.lora import CHECKPOINT_KEY as LORA_KEY
 from lt_finetune.snapshot import CHECKPOINT_KEY
 
 __all__ = [
@@ -200,6 +203,9 @@ def save_state(template: Mapping[str, Any], state: StateDict, path: str | Path, 
         "hparams_name",
         "pytorch-lightning_version",
         CHECKPOINT_KEY,
+        INFERENCE_KEY,
+        LORA_KEY,
+        VERSION_KEY,
         "datamodule_hyper_parameters",
     )
     checkpoint = {k: template[k] for k in keep if k in template}

@@ -41,8 +41,12 @@ def test_fit_then_test_from_yaml_in_a_subprocess(tmp_path: Path, animal_mnist: N
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc" in test.stdout + test.stderr
     assert re.search(r"^class +precision +recall +support\n(\w+ +[\d.]+ +[\d.]+ +2\n){10}", test.stdout, re.MULTILINE)
-    predict = _run("predict", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), *root[:2], cwd=tmp_path)
+    predict = _run(
+        "predict", "--config", str(TINY), "--ckpt_path", str(ckpts[-1]), *root[:2], "--trainer.logger", "true",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert predict.returncode == 0, predict.stderr[-3000:]
+    assert not (tmp_path / "lightning_logs").exists()  # predict logs nothing: no empty version_N folder
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert f"written to {tmp_path / 'predictions.csv'}" in predict.stdout
@@ -57,8 +61,11 @@ def test_every_callback_builds_from_yaml_through_the_cli(
 ) -> None:
     with open(TINY) as f:
         config = yaml.safe_load(f)
-    chosen = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("." + name)]
-    assert chosen, f"{name} is missing from {TINY.name}: every exported callback must be configured there"
+    chosen = []
+    for example in [TINY, *sorted(TINY.parent.glob("*.yaml"))]:  # tiny_fit.yaml first, then the example configs
+        listed = (yaml.safe_load(example.read_text()).get("trainer") or {}).get("callbacks") or []
+        chosen = chosen or [c for c in listed if str(c.get("class_path", "")).endswith("." + name)]
+    assert chosen, f"{name} is missing from the example configs: every exported callback must be configured in one"
     config["trainer"]["callbacks"] = chosen
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -85,7 +92,7 @@ def _help(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_help_lists_every_subcommand(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = _help([flag], capsys)
     listed = re.findall(r"^ {4}(\w+) +\S", out, flags=re.MULTILINE)  # "    name   description", one per subcommand
-    assert listed == ["fit", "validate", "test", "predict", "groups", "preview", "export", "soup"]
+    assert listed == ["fit", "validate", "test", "predict", "groups", "preview", "export", "soup", "rank", "advise"]
     assert re.search(r"^ +groups +Print the layer groups of a backbone", out, flags=re.MULTILINE)
     assert re.search(r"^ +preview +Compute and plot the fine-tuning plan", out, flags=re.MULTILINE)
 
@@ -200,3 +207,37 @@ def test_export_subcommand_writes_the_model_and_its_class_names(
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", str(ckpt), "--format", "tflite"])
     assert "torchscript" in capsys.readouterr().err
+
+
+def test_messages_print_above_the_progress_bar_not_on_its_line(tmp_path: Path, animal_mnist: None) -> None:
+    fit = _run(
+        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+        "true", cwd=tmp_path,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (line,) = [line for line in fit.stdout.splitlines() if "unfroze" in line]
+    # tqdm.write clears the bar ("\r", blanks, "\r") and prints the message on a line of its own
+    assert line.split("\r")[-1].startswith("lt_finetune: epoch 1, step 2: unfroze"), repr(line)
+    assert "unfroze" not in fit.stderr
+
+
+def test_config_paths_resolve_beside_the_config_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, animal_mnist: None, mobilenet_v2_weights: Path
+) -> None:
+    from lt_finetune.cli import _cli
+
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "weights.pth").symlink_to(mobilenet_v2_weights)
+    (folder / "fit.yaml").write_text(
+        "model:\n  backbone: torchvision/mobilenet_v2\n  pretrained: weights.pth\n"
+        "data:\n  class_path: AnimalMNISTDataModule\n  init_args: {image_size: 32, train_per_class: 2}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cli = _cli(["--config", str(folder / "fit.yaml"), "--trainer.logger", "false"], run=False)
+    assert cli.model.hparams.pretrained == str(folder / "weights.pth")
+    (elsewhere / "weights.pth").write_bytes(b"")  # one in the working directory is read first, as Lightning does
+    with pytest.raises(ValueError, match="weights.pth. could not be read"):
+        _cli(["--config", str(folder / "fit.yaml"), "--trainer.logger", "false"], run=False)

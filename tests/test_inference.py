@@ -230,3 +230,29 @@ def test_predict_with_other_preprocessing_than_training_warns(fitted: dict[str, 
         r"interpolation: 'bicubic' in the checkpoint, 'bilinear' now",
     ):
         trainer.predict(model, dm, ckpt_path=fitted["ckpt"])
+
+
+@pytest.mark.ddp
+def test_prediction_writer_under_ddp_writes_one_row_per_image_like_one_process(
+    tmp_path: Path, animal_mnist: None
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    folders = write_animal_folders(tmp_path / "images", classes=3, train=2, val=1, new=3)  # 9 new: ranks get 5 + 5
+    script = Path(__file__).parent / "scripts" / "ddp_predict.py"
+    rows = {}
+    for mode in ("ddp", "single"):
+        out = tmp_path / f"{mode}.csv"
+        result = subprocess.run(
+            [sys.executable, str(script), str(folders["train"].parent), str(out), mode],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        with open(out) as f:
+            rows[mode] = list(csv.DictReader(f))
+    assert len(rows["ddp"]) == 9 and len({r["path"] for r in rows["ddp"]}) == 9  # the padded repeat is dropped
+    assert [(r["path"], r["label"]) for r in rows["ddp"]] == [(r["path"], r["label"]) for r in rows["single"]]
+    for a, b in zip(rows["ddp"], rows["single"]):
+        assert abs(float(a["probability"]) - float(b["probability"])) < 1e-5

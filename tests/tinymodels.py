@@ -110,10 +110,10 @@ class LRRecorder(pl.Callback):
 def trainer(tmp_path: Any, callbacks: list[pl.Callback], max_epochs: int = 3, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("accelerator", "cpu")
     return pl.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
-        accelerator="cpu",
         devices=1,
         default_root_dir=tmp_path,
         enable_progress_bar=False,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,9 +16,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lt_finetune.data._resumable import EpochShuffleSampler as EpochShuffleSampler  # importable from here too
+from lt_finetune.data._resumable import ResumableDataLoader, TrainLoaderStates, sample_seed, seeded_global_rngs
 from lt_finetune.validation import check_bool, check_float, check_int
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -210,31 +212,6 @@ class IndexedDataset(Dataset[tuple[Any, ...]]):
         return (*item, index) if isinstance(item, tuple) else (item, -1, index)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
-
-    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees, epoch for
-    epoch, the same order as the uninterrupted run (a ``RandomSampler`` with a seeded generator does not: its
-    generator restarts at the resumed epoch).
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
 class ImageDataModuleBase(LightningDataModule):
     """Loaders, normalisation settings and the Mixup/CutMix hook shared by the image datamodules.
 
@@ -255,7 +232,9 @@ class ImageDataModuleBase(LightningDataModule):
         image_size: Side of the square images fed to the model, in pixels.
         batch_size: Images per batch.
         num_workers: Loader worker processes; workers persist across epochs when > 0.
-        seed: Seed of the training shuffle and of the subclass's random splits (its documentation says which).
+        seed: Seed of the training shuffle, of the augmentation (each item's draws are a function of ``(seed,
+            epoch, index)``, Mixup's of the batch's place) and of the subclass's random splits (its
+            documentation says which).
         mean: Per-channel normalisation mean; ``None`` for ImageNet's ``(0.485, 0.456, 0.406)``.
         std: Per-channel normalisation std; ``None`` for ImageNet's ``(0.229, 0.224, 0.225)``.
         hflip: Flip training images horizontally with probability 0.5.
@@ -304,6 +283,7 @@ class ImageDataModuleBase(LightningDataModule):
         #: Images to predict on, when a subclass has a split for it (``ImageFolderDataModule(predict_dir=...)``).
         self.predict_dataset: Dataset[Any] | None = None
         self._mixup: Mixup | None = None
+        self._train_loader_states = TrainLoaderStates()
 
     @property
     def classes(self) -> list[str]:
@@ -338,20 +318,42 @@ class ImageDataModuleBase(LightningDataModule):
         raise RuntimeError(f"{name} has no {split} split{'; ' + hint if hint else ''}.")
 
     def _loader(self, dataset: Dataset[Any], *, train: bool) -> DataLoader[Any]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-            collate_fn=getattr(dataset, "collate_fn", None),  # a dataset that can skip unreadable items says how
-        )
+        settings: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            "drop_last": False,
+            "collate_fn": getattr(dataset, "collate_fn", None),  # a dataset that can skip unreadable items says how
+        }
+        if train:
+            loader = ResumableDataLoader(dataset, shuffle=True, seed=self.seed, **settings)
+            return self._train_loader_states.track(loader)
+        return DataLoader(dataset, **settings)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position in its epoch (see :class:`~lt_finetune.data.ResumableDataLoader`)."""
+        return self._train_loader_states.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loaders built from now on at the position of ``state_dict``."""
+        self._train_loader_states.load_state_dict(state_dict)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Forget a position loaded for the fit that ends, so that a fresh fit starts at the first batch."""
+        self._train_loader_states.clear()
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled training loader; the order is seeded by ``seed`` and the last partial batch is kept."""
+        """Shuffled training loader that resumes mid-epoch; the last partial batch is kept.
+
+        A :class:`~lt_finetune.data.ResumableDataLoader`: the order is a function of ``(seed, epoch)`` and each
+        item's augmentation of ``(seed, epoch, index)``, whatever ``num_workers``; Lightning saves its position in
+        every checkpoint, so ``fit(ckpt_path=...)`` continues an interrupted epoch where it stopped.
+        """
         return self._loader(self._require(self.train_dataset, "train"), train=True)
 
     @override
@@ -401,4 +403,24 @@ class ImageDataModuleBase(LightningDataModule):
                 label_smoothing=self.label_smoothing,
                 num_classes=self.num_classes,
             )
-        return mix_labelled_batch(self._mixup, batch)
+        position = _batch_position(trainer)
+        if position is None:
+            return mix_labelled_batch(self._mixup, batch)
+        # timm's Mixup draws from numpy's global RNG: seeded by the batch's place, a resumed run mixes alike.
+        with seeded_global_rngs(sample_seed(self.seed, _MIXUP_STREAM, *position)):
+            return mix_labelled_batch(self._mixup, batch)
+
+
+#: Separates the Mixup seeds of a batch from the augmentation seeds of an item with the same numbers.
+_MIXUP_STREAM = 0x6D69787570
+
+
+def _batch_position(trainer: Any) -> tuple[int, int] | None:
+    """``(epoch, batch index in the epoch)`` of the training batch being prepared, if the trainer tells it."""
+    try:
+        epoch = int(trainer.current_epoch)
+        # The batch is prepared before Lightning counts it as ready: its index is the count so far.
+        index = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return epoch, index

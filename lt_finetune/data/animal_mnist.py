@@ -156,8 +156,15 @@ class _GrayImageDataset(Dataset[tuple[Tensor, int]]):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self._item(index, None)
+
+    def seeded_item(self, index: int, seed: int) -> tuple[Tensor, int]:
+        """Item ``index`` with its flip drawn from a generator seeded with ``seed`` (the global RNG is untouched)."""
+        return self._item(index, torch.Generator().manual_seed(seed) if self.hflip else None)
+
+    def _item(self, index: int, generator: torch.Generator | None) -> tuple[Tensor, int]:
         image = self.images[index]
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return torch.addcmul(self._shift, image.float(), self._scale), int(self.targets[index])
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, random_split
 from typing_extensions import override
 
-from lt_finetune.data._common import EpochShuffleSampler
+from lt_finetune.data._resumable import ResumableDataLoader, TrainLoaderStates, sample_seed, seeded_global_rngs
 from lt_finetune.validation import check_bool, check_float, check_int, check_optional_int
 
 __all__ = ["DomainAdaptDataModule"]
@@ -29,8 +29,19 @@ class _InputsOnly(Dataset[Tensor]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Tensor:
-        item = self.dataset[index]
-        return item[0] if isinstance(item, (tuple, list)) else item
+        return _inputs(self.dataset[index])
+
+    def seeded_item(self, index: int, seed: int) -> Tensor:
+        """The inputs of the dataset's seeded item (see :class:`~lt_finetune.data.ResumableDataLoader`)."""
+        seeded_item = getattr(self.dataset, "seeded_item", None)
+        if seeded_item is not None:
+            return _inputs(seeded_item(index, seed))
+        with seeded_global_rngs(seed):
+            return _inputs(self.dataset[index])
+
+
+def _inputs(item: Any) -> Any:
+    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def _has_labels(dataset: Dataset[Any]) -> bool:
@@ -60,7 +71,8 @@ class DomainAdaptDataModule(LightningDataModule):
         stream_target: ``False`` trains on the source stream alone (the source-only baseline, ERM), keeping the
             target splits for AdaBN and reporting.
         num_workers: Loader workers, for dataset inputs and the target stream.
-        seed: Seed of the shuffles and of the held-out split.
+        seed: Seed of the shuffles, of the held-out split and of the dataset streams' augmentation (see
+            :class:`~lt_finetune.data.ResumableDataLoader`; the streams resume mid-epoch).
 
     Raises:
         TypeError: If ``source`` or ``target`` is neither a ``LightningDataModule`` nor a ``Dataset``.
@@ -106,6 +118,7 @@ class DomainAdaptDataModule(LightningDataModule):
         self._source_train: Dataset[Any] | None = None
         self._source_val: Dataset[Any] | None = None
         self._ready = False
+        self._train_loader_states = TrainLoaderStates()
 
     @property
     def num_classes(self) -> int:
@@ -144,14 +157,19 @@ class DomainAdaptDataModule(LightningDataModule):
             raise ValueError("Expected `target` to hold at least one item, got an empty dataset.")
         self._ready = True
 
-    def _dataset_loader(self, dataset: Dataset[Any], batch_size: int, *, train: bool) -> DataLoader[Any]:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _dataset_loader(
+        self, dataset: Dataset[Any], batch_size: int, *, train: bool, stream: int = 0
+    ) -> DataLoader[Any]:
+        settings: dict[str, Any] = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:
+            # Resumable mid-epoch; each stream its own augmentation seeds, so item i of both is not flipped alike.
+            seed = self.seed if stream == 0 else sample_seed(self.seed, stream)
+            return ResumableDataLoader(dataset, shuffle=True, seed=seed, **settings)
+        return DataLoader(dataset, **settings)
 
     def _source_loader(self, split: Split) -> DataLoader[Any]:
         if isinstance(self.source, LightningDataModule):
@@ -171,7 +189,7 @@ class DomainAdaptDataModule(LightningDataModule):
     def _target_stream(self) -> DataLoader[Any]:
         dataset = self._target_train_dataset()
         if dataset is not None:
-            return self._dataset_loader(_InputsOnly(dataset), self.target_batch_size, train=True)
+            return self._dataset_loader(_InputsOnly(dataset), self.target_batch_size, train=True, stream=1)
         # A datamodule without `train_dataset`: its own loader (labels, if any, are passed along but never used).
         return self.target.train_dataloader()  # type: ignore[union-attr]
 
@@ -180,8 +198,24 @@ class DomainAdaptDataModule(LightningDataModule):
         """``CombinedLoader({"source", "target"}, "max_size_cycle")``, or the source loader if not ``stream_target``."""
         source = self._source_loader("train")
         if not self.stream_target:
-            return source
-        return CombinedLoader({"source": source, "target": self._target_stream()}, "max_size_cycle")
+            return self._train_loader_states.track(source)
+        combined = CombinedLoader({"source": source, "target": self._target_stream()}, "max_size_cycle")
+        return self._train_loader_states.track(combined)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The positions of the resumable training streams in their epoch, so that a resumed run continues them."""
+        return self._train_loader_states.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training streams built from now on at the positions of ``state_dict``."""
+        self._train_loader_states.load_state_dict(state_dict)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Forget a position loaded for the fit that ends, so that a fresh fit starts at the first batch."""
+        self._train_loader_states.clear()
 
     @override
     def val_dataloader(self) -> DataLoader[Any]:

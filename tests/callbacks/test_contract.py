@@ -24,11 +24,15 @@ ARGS: dict[str, dict[str, Any]] = {
     "FreezeBackbone": {"unfreeze_at_epoch": 1},
     "GradualUnfreeze": {"every_n_steps": 3, "warmup_steps": 2},
     "LayerwiseLR": {"decay": 0.5},
+    "LoRA": {"r": 2, "alpha": 4.0},
     "L2SP": {"alpha": 0.5, "beta": 0.1},
     "BSS": {"weight": 0.05, "k": 2},
     "EMA": {"decay": 0.8},
     "LPFT": {"probe_steps": 4, "finetune_lr_factor": 0.5, "warmup_steps": 3},
     "DomainAdapt": {"method": "cdan", "entropy": True, "hidden": 8},
+    # On these foreign modules the backbone trains (nothing to cache) and there is no named pretrained source.
+    "CachedProbe": {"max_cache_bytes": 2**20},
+    "SlimCheckpoint": {},
 }
 CASES = [
     *callbacks_pkg.__all__,
@@ -198,6 +202,28 @@ def test_resume_matches_uninterrupted_run(tmp_path: Any, case: str, stop: str) -
     # The resumed run applied, step for step, the lrs of the uninterrupted one.
     done = int(stop.split("=")[1])
     assert resumed_rec.lrs == full_rec.lrs[done:]
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed (with a grad scaler) needs CUDA")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", pytest.param("16-mixed", marks=_CUDA)])
+@pytest.mark.parametrize("case", CASES)
+def test_mixed_precision_trains_and_resumes_exactly(tmp_path: Any, case: str, precision: str) -> None:
+    """Under mixed precision (``bf16-mixed`` runs on a CPU) every callback trains to finite weights, its
+    checkpoints load, and a run resumed mid-epoch ends where the uninterrupted one does."""
+    device = {"precision": precision, "accelerator": "gpu" if precision == "16-mixed" else "cpu"}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    full_model = module(case, scheduler=_cosine, optimizer="adamw")
+    before = flat_params(full_model)
+    full = trainer(tmp_path / "full", [*make(case), ckpt], enable_checkpointing=True, **device)
+    full.fit(full_model)
+    after = flat_params(full_model).cpu()
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    resumed_model = module(case, scheduler=_cosine, optimizer="adamw")
+    resumed = trainer(tmp_path / "resumed", make(case), **device)
+    resumed.fit(resumed_model, ckpt_path=tmp_path / "ckpt" / "step=6.ckpt")
+    assert torch.equal(flat_params(resumed_model).cpu(), after)
 
 
 def _fit_and_forget(tmp_path: Any, callbacks: list[pl.Callback]) -> weakref.ref:

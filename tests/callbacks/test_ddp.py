@@ -34,6 +34,17 @@ def test_replicas_stay_identical_after_unfreezing(tmp_path: Path) -> None:
     # The extra module added by a callback at setup is registered with DDP: trained, and identical on both ranks.
     assert "extra_modules.discriminator.weight" in r0["names"]
     assert r0["discriminator_moved"] > 0.0 and r0["discriminator_moved"] == r1["discriminator_moved"]
+    # Averaged right after the backward, before a 16-bit grad scaler would unscale and look for inf/nan: every
+    # rank then reaches the same skip-or-step verdict.
+    assert r0["grad_difference_after_backward"] == 0.0
+
+
+@pytest.mark.ddp
+def test_replicas_stay_identical_with_gradient_accumulation(tmp_path: Path) -> None:
+    r0, r1 = _run(tmp_path, "--accumulate")
+    assert r0["steps"] == r1["steps"] == 12
+    assert (r0["params"] - r1["params"]).abs().max().item() <= 1e-6
+    assert r0["grad_difference_after_backward"] == 0.0 and r0["others_moved"] > 0.0
 
 
 @pytest.mark.ddp
@@ -41,3 +52,4 @@ def test_without_the_gradient_averaging_replicas_drift(tmp_path: Path) -> None:
     """The check above can fail: parameters frozen when DDP wrapped the model are not averaged by DDP."""
     r0, r1 = _run(tmp_path, "--no-sync")
     assert (r0["params"] - r1["params"]).abs().max().item() > 1e-4
+    assert r0["grad_difference_after_backward"] > 1e-6

@@ -1,7 +1,8 @@
 """Fit the tiny foreign module under 2-process CPU DDP with lt_finetune callbacks; each rank saves its parameters.
 
-Usage: python ddp_fit.py OUT_DIR [--no-sync]. ``--no-sync`` disables lt_finetune's gradient averaging for
-parameters DDP does not manage, to show that the test detects the drift it prevents.
+Usage: python ddp_fit.py OUT_DIR [--no-sync] [--accumulate]. ``--no-sync`` disables lt_finetune's gradient averaging
+for parameters DDP does not manage, to show that the test detects the drift it prevents; ``--accumulate`` trains
+with ``accumulate_grad_batches=2`` (twice the epochs, the same optimizer steps).
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ class Discriminate(pl.Callback):
         pl_module.add_loss_term("domain", lambda out: disc(out.features).pow(2).mean())
 
 
+class GradientsAfterBackward(pl.Callback):
+    """After the last backward of each step (where a 16-bit grad scaler next unscales and checks for inf/nan),
+    the largest difference between the ranks' gradients: zero when every gradient is already averaged there."""
+
+    def __init__(self) -> None:
+        self.largest = 0.0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if (trainer.fit_loop.epoch_loop.batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not the step's last backward
+        grads = [p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None and p.requires_grad]
+        flat = torch.cat(grads)
+        gathered = [torch.zeros_like(flat) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(gathered, flat)
+        self.largest = max(self.largest, (gathered[0] - gathered[1]).abs().max().item())
+
+
 def main() -> None:
     out = sys.argv[1]
     if "--no-sync" in sys.argv:
@@ -50,12 +68,15 @@ def main() -> None:
         FreezeBackbone(groups=["0"]),  # never unfrozen: must not move
         GradualUnfreeze(every_n_steps=2),
         LayerwiseLR(decay=0.5),
+        GradientsAfterBackward(),  # after the policies: sees what they left
     ]
+    accumulate = 2 if "--accumulate" in sys.argv else 1
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_epochs=3,
+        max_epochs=3 * accumulate,
+        accumulate_grad_batches=accumulate,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -83,6 +104,7 @@ def main() -> None:
             "discriminator_moved": disc_moved,
             "names": [n for n, _ in model.named_parameters()],
             "steps": trainer.global_step,
+            "grad_difference_after_backward": callbacks[-1].largest,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),
     )
