@@ -235,7 +235,12 @@ CASES = [
         r"use_orig_params=True",
     ),
     Case("manual_optimization", _manual_optimization, ValueError, r"supports automatic optimization only"),
-    Case("num_classes_vs_class_folders", _num_classes_vs_folder, ValueError, r"does not fit the 3 classes of ImageFolderDataModule.*pass num_classes=3"),
+    Case(
+        "num_classes_vs_class_folders",
+        _num_classes_vs_folder,
+        ValueError,
+        r"does not fit the 3 classes of ImageFolderDataModule.*pass num_classes=3",
+    ),
     Case("num_classes_vs_targets", _num_classes_vs_targets, ValueError, r"num_classes=5\) got a target class"),
     Case(
         "plateau_metric_never_logged",

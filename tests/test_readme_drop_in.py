@@ -14,7 +14,7 @@ import pytest
 README = Path(__file__).parents[1] / "README.md"
 
 # What the snippet assumes the user already has: a module whose pretrained part is `encoder`, and a datamodule.
-PROJECT = '''
+PROJECT = """
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,7 +45,7 @@ class MyDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
         return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
-'''
+"""
 
 
 def _snippet() -> str:
