@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -483,13 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="Only rebuild the page from the stored result.")
     parser.add_argument("--datasets", default="animal_mnist,fashion_mnist", help="Comma-separated datasets to rank.")
-    parser.add_argument("--smoke", action="store_true", help="Tiny settings, results and page under /tmp.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny settings; results and page in the temporary folder.")
     args = parser.parse_args(argv)
     path, page = RESULTS_DIR / f"{RESULT}.json", PAGE
     if args.smoke:
         SETTINGS.update(image_size=32, train_per_class=5, rank_per_class=8, val_per_class=2, test_per_class=5, epochs=1)
         SETTINGS.update(advise_sizes=(10,), advise_max_samples=50)
-        path, page = Path("/tmp/select_validation_smoke.json"), Path("/tmp/select_validation_smoke.md")
+        tmp = Path(tempfile.gettempdir())
+        path, page = tmp / "select_validation_smoke.json", tmp / "select_validation_smoke.md"
     if args.report:
         result = json.loads(path.read_text())
     else:
