@@ -105,17 +105,16 @@ def run_rank(cli: LightningCLI) -> dict[str, Any]:
 
 
 def score_notes(rows: list[CandidateScores], samples: int, num_classes: int) -> list[str]:
-    """What to keep in mind when reading the table: n/a scores, and an H-score that saturates (N <= D)."""
+    """What to keep in mind when reading the table: n/a scores, and fewer images than features."""
     notes = []
     missing = [r.label for r in rows if r.leep is None]
     if missing:
         notes.append(f"LEEP, NCE n/a for {missing}: no source classifier (random weights or a features-only model).")
-    saturated = [r.label for r in rows if r.h_score_saturated]
-    if saturated:
+    narrow = [r.label for r in rows if samples <= r.dim]
+    if narrow:
         notes.append(
-            f"H-score: {samples} images <= feature width for {saturated}; the sample covariance is singular and the "
-            f"H-score of such features is {num_classes - 1} (classes - 1) whatever their quality. Use --max_samples "
-            "well above the feature width for it to rank anything."
+            f"{samples} images <= feature width for {narrow}: the scores still rank (LogME exactly, H-score with "
+            "Ledoit-Wolf shrinkage) but are noisier; --max_samples above the feature width steadies them."
         )
     return notes
 

@@ -386,11 +386,6 @@ class CandidateScores:
     source_classes: int | None = None
     samples: int | None = None
 
-    @property
-    def h_score_saturated(self) -> bool:
-        """Whether H-score is ``classes - 1`` by construction: ``N - 1 <= D`` makes the sample covariance singular."""
-        return self.samples is not None and self.samples - 1 <= self.dim
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready row."""
         return asdict(self)
@@ -401,17 +396,18 @@ def score_candidate(
 ) -> CandidateScores:
     """The four scores of one candidate's features and source probabilities (LEEP, NCE: ``None`` without them).
 
-    With fewer images than features (``N < D``), LogME and H-score are computed on the features' coordinates in
-    their own row space (``F V`` for the thin SVD ``F = U S V^T``, ``[N, N]``): both are unchanged by that rotation
-    (LogME's evidence depends on the features only through ``F F^T``; H-score's pseudo-inverse ignores the null
-    directions), and it costs ``O(N^2 D)`` instead of ``O(D^3)``.
+    H-score is the regularised one (Ledoit-Wolf shrinkage, :func:`~lt_finetune.select.h_score`): the plain score
+    is ``classes - 1`` for any features when ``N - 1 <= D`` and could not rank. With fewer images than features,
+    LogME is computed on the features' coordinates in their own row space (``F V`` for the thin SVD
+    ``F = U S V^T``, ``[N, N]``): its evidence depends on the features only through ``F F^T``, so it is unchanged,
+    and it costs ``O(N^2 D)`` instead of ``O(D^3)``.
     """
     reduced = _row_space(features)
     return CandidateScores(
         label=label,
         dim=int(features.shape[1]),
         logme=logme(reduced, labels),
-        h_score=h_score(reduced, labels),
+        h_score=h_score(features, labels, shrinkage="ledoit_wolf"),
         leep=leep(probs, labels) if probs is not None else None,
         nce=nce(probs, labels) if probs is not None else None,
         seconds=seconds,
@@ -478,9 +474,7 @@ class Recommendation:
 def recommend(rows: Sequence[CandidateScores]) -> Recommendation:
     """Recommend the candidate with the lowest mean rank over the usable scores; ties go to the higher LogME.
 
-    A score is usable when every candidate has it (LEEP and NCE need a source head) and, for H-score, when no
-    candidate's H-score is saturated (:attr:`CandidateScores.h_score_saturated`: it would rank wide features first
-    whatever their quality).
+    A score is usable when every candidate has it (LEEP and NCE need a source head).
 
     Raises:
         ValueError: If ``rows`` is empty.
@@ -491,8 +485,6 @@ def recommend(rows: Sequence[CandidateScores]) -> Recommendation:
     for score in SCORES:
         if any(getattr(r, score) is None for r in rows):
             left_out[score] = "n/a for some candidate (no source classifier)"
-    if "h_score" not in left_out and any(r.h_score_saturated for r in rows):
-        left_out["h_score"] = "saturated (images <= feature width) for some candidate"
     used = tuple(s for s in SCORES if s not in left_out) or ("logme",)
     ranks = {r.label: 0.0 for r in rows}
     for score in used:

@@ -6,7 +6,8 @@ wins across tasks (large studies of these scores agree on that), so several are 
 - :func:`logme`: LogME (You et al., 2021): the mean over classes of the maximised log evidence of a Bayesian
   linear model from features to the one-hot labels, per sample.
 - :func:`h_score`: H-score (Bao et al., 2019): ``tr(cov(f)^-1 cov(E[f | y]))``, how well class-conditional
-  means separate relative to the feature covariance.
+  means separate relative to the feature covariance; ``shrinkage="ledoit_wolf"`` gives the regularised H-score
+  (Ibrahim et al., 2022), which still ranks with fewer images than features.
 - :func:`leep`: LEEP (Nguyen et al., 2020): log expected empirical prediction of the source model's soft
   predictions over its own label set, through the empirical conditional ``P(y | z)``.
 - :func:`nce`: NCE (Tran et al., 2019): the negative conditional entropy ``-H(Y | Z)`` of the target labels given
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LogMEFit", "h_score", "leep", "logme", "logme_fit", "nce"]
+__all__ = ["LogMEFit", "h_score", "ledoit_wolf_shrinkage", "leep", "logme", "logme_fit", "nce"]
 
 
 def _check(features: Tensor, labels: Tensor, name: str = "features") -> tuple[Tensor, Tensor, int]:
@@ -114,23 +115,69 @@ def logme(features: Tensor, labels: Tensor) -> float:
     return float(logme_fit(features, labels).evidence.mean())
 
 
-def h_score(features: Tensor, labels: Tensor) -> float:
+def h_score(features: Tensor, labels: Tensor, shrinkage: float | str | None = None) -> float:
     """H-score: ``tr(pinv(cov(f)) cov(E[f | y]))`` (the covariance of the class-conditional means, per sample).
+
+    With ``N - 1 <= D`` images the sample covariance is singular and the plain score is ``C - 1`` whatever the
+    features: it cannot rank. ``shrinkage`` gives the regularised H-score of Ibrahim et al. (2022),
+    ``tr(inv((1 - a) cov + a mu I) (1 - a) cov(E[f | y]))`` with ``mu = tr(cov) / D``: ``"ledoit_wolf"`` picks
+    ``a`` by the Ledoit-Wolf estimate (defined for any ``N``), a number in ``[0, 1)`` sets it.
 
     Example::
 
         >>> round(h_score(torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 1, 1])), 4)  # 25 / 26
         0.9615
+        >>> round(h_score(torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 1, 1]), 0.5), 4)  # half
+        0.4808
     """
     f, y, classes = _check(features, labels)
     f = f - f.mean(0, keepdim=True)
-    cov = f.T @ f / len(f)
-    means = torch.zeros(classes, f.shape[1], dtype=torch.float64).index_add_(0, y, f)
+    n, d = f.shape
+    cov = f.T @ f / n
+    means = torch.zeros(classes, d, dtype=torch.float64).index_add_(0, y, f)
     counts = torch.bincount(y, minlength=classes).to(torch.float64)
     means = means / counts.clamp_min(1.0)[:, None]
-    weights = counts / len(f)
+    weights = counts / n
     between = (means * weights[:, None]).T @ means  # cov of E[f | y] over the samples (f is centred)
-    return float(torch.trace(torch.linalg.pinv(cov, hermitian=True) @ between))
+    if shrinkage is None:
+        return float(torch.trace(torch.linalg.pinv(cov, hermitian=True) @ between))
+    if isinstance(shrinkage, str) and shrinkage != "ledoit_wolf":
+        raise ValueError(f"Expected `shrinkage` to be None, 'ledoit_wolf' or a number in [0, 1), got {shrinkage!r}.")
+    a = ledoit_wolf_shrinkage(f) if shrinkage == "ledoit_wolf" else float(shrinkage)
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"Expected `shrinkage` to be in [0, 1), got {a}.")
+    mu = float(torch.trace(cov)) / d
+    regularised = (1.0 - a) * cov + a * mu * torch.eye(d, dtype=torch.float64)
+    if a == 0.0 or mu == 0.0:
+        return float(torch.trace(torch.linalg.pinv(regularised, hermitian=True) @ between))
+    return float((1.0 - a) * torch.trace(torch.linalg.solve(regularised, between)))
+
+
+def ledoit_wolf_shrinkage(features: Tensor) -> float:
+    """The Ledoit-Wolf (2004) shrinkage intensity of the covariance of ``features`` ``[N, D]`` toward ``mu I``.
+
+    The same estimate as scikit-learn's ``ledoit_wolf_shrinkage`` (features centred here), in ``[0, 1]``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> scales = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])  # far from mu I: little shrinkage with many samples
+        >>> few, many = torch.randn(10, 5, generator=g) * scales, torch.randn(2000, 5, generator=g) * scales
+        >>> round(ledoit_wolf_shrinkage(few), 2), round(ledoit_wolf_shrinkage(many), 3)
+        (0.39, 0.002)
+    """
+    x = features.detach().to(torch.float64)
+    x = x - x.mean(0, keepdim=True)
+    n, d = x.shape
+    x2 = x * x
+    emp_cov_trace = x2.sum(0) / n
+    mu = float(emp_cov_trace.sum()) / d
+    beta_ = float((x2.T @ x2).sum())
+    delta_ = float(((x.T @ x) ** 2).sum()) / n**2
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * float(emp_cov_trace.sum()) + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0.0 else beta / delta
 
 
 def _joint(source_probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

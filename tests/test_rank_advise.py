@@ -34,7 +34,7 @@ from lt_finetune.ranking import (
     source_model,
     training_sample,
 )
-from lt_finetune.select import h_score, logme
+from lt_finetune.select import h_score, ledoit_wolf_shrinkage, logme
 
 TINY_DATA = ["--data", "AnimalMNISTDataModule", "--data.image_size", "32", "--data.batch_size", "20"]
 TINY_DATA += ["--data.train_per_class", "4", "--data.val_per_class", "2", "--data.test_per_class", "2"]
@@ -127,8 +127,31 @@ def test_scores_with_fewer_images_than_features_are_unchanged_by_the_row_space()
     features = torch.randn(30, 64, generator=g) + labels[:, None].float()
     row = score_candidate("a", features, labels, None)
     assert row.logme == pytest.approx(logme(features, labels), rel=1e-9)
-    assert row.h_score == pytest.approx(h_score(features, labels), rel=1e-9) == 2.0  # saturated: classes - 1
-    assert row.h_score_saturated and row.leep is None and row.nce is None and row.dim == 64
+    assert row.h_score == pytest.approx(h_score(features, labels, shrinkage="ledoit_wolf"), rel=1e-9)
+    assert row.leep is None and row.nce is None and row.dim == 64
+
+
+def test_regularised_h_score_ranks_where_the_plain_one_saturates() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    good = torch.randn(40, 100, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 100).double()
+    poor = torch.randn(40, 100, generator=g)
+    assert h_score(good, labels) == pytest.approx(3.0) and h_score(poor, labels) == pytest.approx(3.0)  # C - 1
+    assert h_score(good, labels, shrinkage="ledoit_wolf") > 2 * h_score(poor, labels, shrinkage="ledoit_wolf")
+    with pytest.raises(ValueError, match="shrinkage"):
+        h_score(good, labels, shrinkage=1.0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        h_score(good, labels, shrinkage="oas")
+
+
+def test_ledoit_wolf_shrinkage_matches_scikit_learn() -> None:
+    covariance = pytest.importorskip("sklearn.covariance")
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((20, 50), (500, 8)):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+        x = x - x.mean(0)
+        expected = covariance.ledoit_wolf_shrinkage(x.numpy(), assume_centered=True)
+        assert ledoit_wolf_shrinkage(x) == pytest.approx(expected, rel=1e-9)
 
 
 def test_recommend_averages_ranks_and_breaks_ties_by_logme() -> None:
@@ -142,12 +165,11 @@ def test_recommend_averages_ranks_and_breaks_ties_by_logme() -> None:
     assert pick.best == "b" and pick.scores == ("logme", "h_score", "leep", "nce") and not pick.left_out
 
 
-def test_recommend_leaves_out_missing_and_saturated_scores() -> None:
+def test_recommend_leaves_out_missing_scores() -> None:
     rows = [_row("a", logme=0.3, h=9.0, dim=512, samples=100), _row("b", logme=0.5, h=4.0, leep=-1.0, nce=-1.0)]
     pick = recommend(rows)
-    assert pick.scores == ("logme",) and pick.best == "b"
-    assert set(pick.left_out) == {"h_score", "leep", "nce"}
-    assert "H-score left out: saturated" in pick.rule and "LEEP left out: n/a" in pick.rule
+    assert pick.scores == ("logme", "h_score") and pick.best == "b"  # ranks 2 + 1 against 1 + 2: the higher LogME
+    assert set(pick.left_out) == {"leep", "nce"} and "LEEP left out: n/a" in pick.rule
     with pytest.raises(ValueError, match="at least one candidate"):
         recommend([])
 
@@ -169,7 +191,7 @@ def test_rank_command_prints_the_table_and_the_pick(
     assert first.split()[:2] == ["torchvision/mobilenet_v2=mobilenet_v2-b0353104.pth", "1280"]
     assert second.split()[:2] == ["resnet18=random", "512"] and second.split()[4:6] == ["n/a", "n/a"]
     assert "40 training images of AnimalMNISTDataModule (10 classes)" in out
-    assert "LEEP left out: n/a for some candidate" in out and "H-score left out: saturated" in out
+    assert "LEEP left out: n/a for some candidate" in out and "images <= feature width" in out
     result = json.loads(output.read_text())
     rows = [CandidateScores(**row) for row in result["rows"]]
     assert result["best"] == recommend(rows).best and f"Recommended backbone: {result['best']}" in out
