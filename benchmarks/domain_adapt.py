@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke and args.out == RESULTS_DIR / "domain_adapt.json":
         write_page(result)  # other --out files (sweeps) leave the page alone
     for row in summarise(runs):
+        score = "n/a" if row["da_score"] is None else f"{row['da_score']:.3f}"
         print(f"{row['label']:24s} selected {row['selected'][0]:.1f} ± {row['selected'][1]:.1f}   "
-              f"last {row['last'][0]:.1f} ± {row['last'][1]:.1f}")  # fmt: skip
+              f"last {row['last'][0]:.1f} ± {row['last'][1]:.1f}   mean val/da_score {score}")  # fmt: skip
 
 
 if __name__ == "__main__":

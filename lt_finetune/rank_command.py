@@ -93,7 +93,7 @@ def run_rank(cli: LightningCLI) -> dict[str, Any]:
     )
     pick = recommend(rows)
     print(format_table(rows, pick))
-    for note in score_notes(rows, len(labels), num_classes):
+    for note in score_notes(rows, len(labels)):
         print(note)
     print_recommendation(pick)
     result: dict[str, Any] = {"rows": [r.to_dict() for r in rows], "best": pick.best, "rule": pick.rule}
@@ -104,7 +104,7 @@ def run_rank(cli: LightningCLI) -> dict[str, Any]:
     return result
 
 
-def score_notes(rows: list[CandidateScores], samples: int, num_classes: int) -> list[str]:
+def score_notes(rows: list[CandidateScores], samples: int) -> list[str]:
     """What to keep in mind when reading the table: n/a scores, and fewer images than features."""
     notes = []
     missing = [r.label for r in rows if r.leep is None]

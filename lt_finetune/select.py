@@ -139,16 +139,14 @@ def h_score(features: Tensor, labels: Tensor, shrinkage: float | str | None = No
     means = means / counts.clamp_min(1.0)[:, None]
     weights = counts / n
     between = (means * weights[:, None]).T @ means  # cov of E[f | y] over the samples (f is centred)
-    if shrinkage is None:
-        return float(torch.trace(torch.linalg.pinv(cov, hermitian=True) @ between))
     if isinstance(shrinkage, str) and shrinkage != "ledoit_wolf":
         raise ValueError(f"Expected `shrinkage` to be None, 'ledoit_wolf' or a number in [0, 1), got {shrinkage!r}.")
-    a = ledoit_wolf_shrinkage(f) if shrinkage == "ledoit_wolf" else float(shrinkage)
+    a = 0.0 if shrinkage is None else _ledoit_wolf(f, cov) if shrinkage == "ledoit_wolf" else float(shrinkage)
     if not 0.0 <= a < 1.0:
         raise ValueError(f"Expected `shrinkage` to be in [0, 1), got {a}.")
     mu = float(torch.trace(cov)) / d
     regularised = (1.0 - a) * cov + a * mu * torch.eye(d, dtype=torch.float64)
-    if a == 0.0 or mu == 0.0:
+    if a == 0.0 or mu == 0.0:  # singular: the pseudo-inverse ignores the null directions
         return float(torch.trace(torch.linalg.pinv(regularised, hermitian=True) @ between))
     return float((1.0 - a) * torch.trace(torch.linalg.solve(regularised, between)))
 
@@ -168,14 +166,19 @@ def ledoit_wolf_shrinkage(features: Tensor) -> float:
     """
     x = features.detach().to(torch.float64)
     x = x - x.mean(0, keepdim=True)
+    return _ledoit_wolf(x, x.T @ x / len(x))
+
+
+def _ledoit_wolf(x: Tensor, cov: Tensor) -> float:
+    """Ledoit-Wolf intensity of centred ``x`` ``[N, D]`` whose covariance ``x^T x / N`` is ``cov`` (not recomputed)."""
     n, d = x.shape
     x2 = x * x
-    emp_cov_trace = x2.sum(0) / n
-    mu = float(emp_cov_trace.sum()) / d
+    trace = float(torch.trace(cov))
+    mu = trace / d
     beta_ = float((x2.T @ x2).sum())
-    delta_ = float(((x.T @ x) ** 2).sum()) / n**2
+    delta_ = float((cov**2).sum())
     beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * float(emp_cov_trace.sum()) + d * mu**2) / d
+    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
     beta = min(beta, delta)
     return 0.0 if beta == 0.0 else beta / delta
 
