@@ -45,12 +45,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
 from benchmarks.common import REPO, RESULTS_DIR, library_versions, machine_info, quiet
 from lt_finetune import TransferModule
 from lt_finetune.callbacks import DomainAdapt
 from lt_finetune.data import DomainAdaptDataModule, MNIST5kDataModule, UCIDigitsDataModule
+from lt_finetune.domain import DigitLeNet
 
 PAGE = REPO / "docs" / "domain_adaptation.md"
 PLOT = REPO / "docs" / "benchmarks" / "domain_adaptation.png"
@@ -91,24 +91,6 @@ def spec(method: str) -> tuple[str, dict[str, Any], bool, bool]:
     return f"{label} (weight {weight})", {**args, "weight": float(weight)}, stream, batchnorm
 
 
-def lenet(batchnorm: bool = False) -> nn.Module:
-    """The digit LeNet of DANN / Transfer-Learning-Library: ``[B, 3, 28, 28] -> [B, 500]``; BatchNorm optional.
-
-    The classifier (dropout 0.5, then a linear layer) is ``TransferModule``'s head.
-    """
-
-    def norm(channels: int, dims: int) -> nn.Module:
-        if not batchnorm:
-            return nn.Identity()
-        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-
-    return nn.Sequential(
-        nn.Conv2d(3, 20, 5), norm(20, 2), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(20, 50, 5), norm(50, 2), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(50 * 4 * 4, 500), norm(500, 1), nn.ReLU(),
-    )  # fmt: skip
-
-
 def run_one(method: str, seed: int, epochs: int, limit: int | None, root: Path) -> dict[str, Any]:
     """Fit one method with one seed; the target test accuracy at the label-free selection and at the last epoch."""
     _, args, stream, batchnorm = spec(method)
@@ -120,7 +102,7 @@ def run_one(method: str, seed: int, epochs: int, limit: int | None, root: Path) 
         source, target, target_batch_size=p["target_batch_size"], stream_target=stream, seed=seed
     )
     model = TransferModule(
-        lenet(batchnorm), num_classes=10, lr=p["lr"], weight_decay=p["weight_decay"], drop_rate=p["drop_rate"],
+        DigitLeNet(batchnorm), num_classes=10, lr=p["lr"], weight_decay=p["weight_decay"], drop_rate=p["drop_rate"],
         input_size=(3, p["image_size"], p["image_size"]),
     )  # fmt: skip
     # No `save_last`: Lightning 2.6 writes last.ckpt only when a top-k checkpoint was written in the same step, so

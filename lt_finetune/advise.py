@@ -397,19 +397,29 @@ def measure_evidence(
     Returns:
         ``(evidence, source_classes)``: the number of source classes is ``None`` without a source head.
     """
-    from lt_finetune.ranking import Candidate, extract, source_model, training_sample
+    from lt_finetune.ranking import (
+        Candidate,
+        candidate_normalization,
+        datamodule_normalization,
+        extract,
+        renormalizer,
+        source_model,
+        training_sample,
+    )
 
     _, all_labels, num_classes = training_sample(datamodule, None)
     counts = torch.bincount(all_labels, minlength=num_classes)
     counts = counts[counts > 0]
     dataset: Dataset[Any]
     dataset, labels, _ = training_sample(datamodule, max_samples)
+    candidate = Candidate(backbone, pretrained, backbone)
     features, probs = extract(
-        source_model(Candidate(backbone, pretrained, backbone)),
+        source_model(candidate),
         dataset,
         batch_size=int(getattr(datamodule, "batch_size", 64)),
         device=device,
         progress=backbone if progress else None,
+        renormalize=renormalizer(datamodule_normalization(datamodule), candidate_normalization(candidate)),
     )
     sampled = torch.bincount(labels)
     folds = min(folds, int(sampled[sampled > 0].min()))

@@ -70,11 +70,16 @@ def run_advise(cli: LightningCLI) -> dict[str, Any]:
     steps = max(1, math.ceil(train_size / int(getattr(datamodule, "batch_size", 64))))
     trainer_options = _as_dict(options.trainer)
     seed = options.get("seed_everything")
+    data = _as_dict(options.data)
+    normalization = _backbone_normalization(backbone, weights, datamodule)
+    if normalization is not None and isinstance(data.get("init_args"), dict):
+        data["init_args"] = {**data["init_args"], "mean": list(normalization[0]), "std": list(normalization[1])}
+        print(f"{backbone}'s weights expect mean {normalization[0]}, std {normalization[1]}: set in the data section")
     config = advised_config(
         advice,
         backbone=backbone,
         pretrained=weights,
-        data=_as_dict(options.data),
+        data=data,
         groups=groups,
         steps_per_epoch=steps,
         epochs=trainer_options.get("max_epochs"),
@@ -93,6 +98,19 @@ def run_advise(cli: LightningCLI) -> dict[str, Any]:
     output.write_text("".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False))
     print(f"Config written to {output}; run it with: lt-finetune fit --config {output}")
     return {"evidence": evidence, "advice": advice, "config": config}
+
+
+def _backbone_normalization(
+    backbone: str, weights: bool | str, datamodule: Any
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The backbone's ``(mean, std)`` where the datamodule normalises otherwise (``None``: nothing to change)."""
+    from lt_finetune.ranking import Candidate, candidate_normalization, datamodule_normalization
+
+    wanted = candidate_normalization(Candidate(backbone, weights, backbone))
+    have = datamodule_normalization(datamodule)
+    if wanted is None or have is None or wanted == have:
+        return None
+    return wanted
 
 
 def _as_dict(section: Any) -> dict[str, Any]:

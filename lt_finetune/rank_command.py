@@ -27,6 +27,7 @@ from jsonargparse.typing import PositiveInt
 from lt_finetune.ranking import (
     CandidateScores,
     Recommendation,
+    datamodule_normalization,
     format_table,
     parse_candidate,
     rank_candidates,
@@ -90,6 +91,7 @@ def run_rank(cli: LightningCLI) -> dict[str, Any]:
         batch_size=int(getattr(datamodule, "batch_size", 64)),
         device=resolve_device(options.device),
         num_workers=int(getattr(datamodule, "num_workers", 0)),
+        normalization=datamodule_normalization(datamodule),
     )
     pick = recommend(rows)
     print(format_table(rows, pick))

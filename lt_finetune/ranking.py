@@ -49,11 +49,14 @@ __all__ = [
     "CandidateScores",
     "Recommendation",
     "SourceModel",
+    "candidate_normalization",
+    "datamodule_normalization",
     "extract",
     "format_table",
     "parse_candidate",
     "rank_candidates",
     "recommend",
+    "renormalizer",
     "rows_from_dicts",
     "score_candidate",
     "source_model",
@@ -68,11 +71,18 @@ _PRETRAINED = "pretrained"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A backbone to score: a timm or ``torchvision/`` name and its weights (as ``create_backbone`` takes them)."""
+    """A backbone to score: a timm or ``torchvision/`` name and its weights (as ``create_backbone`` takes them).
+
+    ``mean`` and ``std`` are the normalisation the weights were trained with, for weights that differ from the
+    name's registered ones (a converted file); ``None`` reads them from timm's or torchvision's registry (see
+    :func:`candidate_normalization`).
+    """
 
     name: str
     weights: bool | str
     label: str
+    mean: tuple[float, ...] | None = field(default=None, repr=False)
+    std: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 def parse_candidate(spec: str) -> Candidate:
@@ -273,6 +283,58 @@ def _classifier_path(model: nn.Module, name: str) -> str:
     raise ValueError(f"Cannot find the nn.Linear classifier of torchvision model {name!r}.")
 
 
+def candidate_normalization(candidate: Candidate) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel ``(mean, std)`` a candidate's pretrained weights expect, ``None`` for random weights.
+
+    The candidate's own ``mean``/``std`` where given, else the registered preprocessing of the name: timm's
+    ``pretrained_cfg`` or the transforms of the torchvision weights enum member. A weights file is assumed to
+    have been trained like the name's registered weights unless the candidate says otherwise. Fine-tune a
+    candidate with the normalisation (``mean=``/``std=`` of the datamodule) that it is scored with.
+
+    Example::
+
+        >>> candidate_normalization(parse_candidate("vit_tiny_patch16_224"))
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        >>> candidate_normalization(Candidate("efficientnet_lite0", "lite0.pth", "Lite0", (0.5,) * 3, (0.5,) * 3))
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    """
+    if candidate.weights is False:
+        return None
+    if candidate.mean is not None and candidate.std is not None:
+        return tuple(candidate.mean), tuple(candidate.std)
+    if candidate.name.startswith(TORCHVISION_PREFIX):
+        base, _, tag = candidate.name[len(TORCHVISION_PREFIX) :].partition(".")
+        transforms = torchvision.models.get_model_weights(base)[tag or "DEFAULT"].transforms()
+        return tuple(float(m) for m in transforms.mean), tuple(float(v) for v in transforms.std)
+    cfg = timm.models.get_pretrained_cfg(candidate.name, allow_unregistered=True)
+    if cfg is None:
+        return None
+    return tuple(float(m) for m in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def renormalizer(
+    data: tuple[Sequence[float], Sequence[float]] | None,
+    model: tuple[Sequence[float], Sequence[float]] | None,
+) -> tuple[Tensor, Tensor] | None:
+    """``(scale, shift)`` with ``x * scale + shift`` = images normalised with ``data`` re-normalised with ``model``."""
+    if data is None or model is None:
+        return None
+    (data_mean, data_std), (model_mean, model_std) = data, model
+    if tuple(data_mean) == tuple(model_mean) and tuple(data_std) == tuple(model_std):
+        return None
+    d_mean, d_std = torch.tensor(data_mean).view(1, -1, 1, 1), torch.tensor(data_std).view(1, -1, 1, 1)
+    m_mean, m_std = torch.tensor(model_mean).view(1, -1, 1, 1), torch.tensor(model_std).view(1, -1, 1, 1)
+    return d_std / m_std, (d_mean - m_mean) / m_std
+
+
+def datamodule_normalization(datamodule: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The datamodule's ``(mean, std)`` (lt_finetune's image datamodules have both), ``None`` if it has none."""
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
 # -- data --------------------------------------------------------------------------------------------------------
 
 
@@ -346,6 +408,7 @@ def extract(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: str | None = None,
+    renormalize: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Pooled features ``[N, D]`` and source probabilities ``[N, Z]`` (or ``None``) of every item, in one pass.
 
@@ -356,6 +419,8 @@ def extract(
         device: Where the model runs.
         num_workers: Loader worker processes.
         progress: Description of a progress bar on stderr; ``None`` draws none.
+        renormalize: ``(scale, shift)`` applied as ``x * scale + shift`` before the model, to serve images
+            normalised one way to a model that expects another (see :func:`rank_candidates`).
     """
     from tqdm import tqdm
 
@@ -364,8 +429,10 @@ def extract(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     features, probs = [], []
     for batch in tqdm(loader, desc=progress, disable=progress is None, file=sys.stderr, unit="batch", leave=True):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        f, logits = model(x.to(device))
+        x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+        if renormalize is not None:
+            x = x * renormalize[0].to(device) + renormalize[1].to(device)
+        f, logits = model(x)
         features.append(f.float().cpu())
         if logits is not None:
             probs.append(logits.double().softmax(1).cpu())
@@ -425,8 +492,15 @@ def rank_candidates(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[CandidateScores]:
-    """Build, run and score every candidate on ``dataset`` (one forward pass each); the time includes all three."""
+    """Build, run and score every candidate on ``dataset`` (one forward pass each); the time includes all three.
+
+    ``normalization`` is the ``(mean, std)`` the dataset's images are normalised with
+    (:func:`datamodule_normalization`): each pretrained candidate then sees them re-normalised with its own
+    (:func:`candidate_normalization`), as it was trained and as it should be fine-tuned. ``None`` serves the images
+    as they are to every candidate.
+    """
     rows = []
     for candidate in candidates:
         start = time.perf_counter()
@@ -438,6 +512,7 @@ def rank_candidates(
             device=device,
             num_workers=num_workers,
             progress=candidate.label if progress else None,
+            renormalize=renormalizer(normalization, candidate_normalization(candidate)),
         )
         del model
         rows.append(score_candidate(candidate.label, features, labels, probs, 0.0))

@@ -22,14 +22,19 @@ from lt_finetune.advise import (
     linear_probe_cv,
     source_confidence,
 )
+from lt_finetune.advise_command import _backbone_normalization
 from lt_finetune.backbones import create_backbone
 from lt_finetune.cli import main
 from lt_finetune.data import AnimalMNISTDataModule
 from lt_finetune.ranking import (
     Candidate,
     CandidateScores,
+    candidate_normalization,
+    datamodule_normalization,
+    extract,
     parse_candidate,
     recommend,
+    renormalizer,
     score_candidate,
     source_model,
     training_sample,
@@ -106,6 +111,25 @@ def test_timm_source_model_reads_the_classifier_of_the_file(tmp_path: Path) -> N
         plain = source_model(spec)
         assert not plain.has_source_head and plain(x)[1] is None
     assert source_model(nn.Conv2d(3, 4, 3))(x)[0].shape == (3, 4)  # a plain module's maps are pooled
+
+
+def test_each_candidate_sees_the_images_normalised_as_its_weights_expect(tmp_path: Path) -> None:
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    half = ((0.5,) * 3, (0.5,) * 3)
+    assert candidate_normalization(parse_candidate("vit_tiny_patch16_224")) == half  # timm's registered config
+    assert candidate_normalization(parse_candidate("torchvision/mobilenet_v2")) == imagenet
+    assert candidate_normalization(parse_candidate("vit_tiny_patch16_224=random")) is None  # nothing to match
+    assert candidate_normalization(Candidate("efficientnet_lite0", "lite0.pth", "a converted file", *half)) == half
+    dm = AnimalMNISTDataModule(image_size=16)
+    assert datamodule_normalization(dm) == imagenet and datamodule_normalization(object()) is None
+    # A model that returns its input: the features are the pixels the candidate sees.
+    raw = torch.rand(6, 3, 4, 4)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in imagenet)
+    dataset = list(zip((raw - mean) / std, torch.zeros(6, dtype=torch.long), strict=True))
+    identity = source_model(nn.Flatten())
+    seen, _ = extract(identity, dataset, renormalize=renormalizer(imagenet, ((0.5,) * 3, (0.5,) * 3)))
+    torch.testing.assert_close(seen, ((raw - 0.5) / 0.5).flatten(1))
+    assert renormalizer(imagenet, imagenet) is None and renormalizer(None, imagenet) is None
 
 
 def test_training_sample_is_stratified_and_unaugmented(animal_mnist: None) -> None:
@@ -308,6 +332,14 @@ def test_advise_command_writes_a_config_that_fits(
     assert config["model"]["backbone"] == "torchvision/mobilenet_v2"
     assert config["model"]["pretrained"] == str(mobilenet_v2_weights)
     assert config["data"]["init_args"]["train_per_class"] == 4
+    assert config["data"]["init_args"].get("mean") is None  # the datamodule's ImageNet normalisation is MobileNetV2's
     assert config["trainer"]["default_root_dir"] == str(tmp_path)
     fit = ["fit", "--config", str(output), "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]
     assert main(fit) == 0
+
+
+def test_advise_writes_the_normalisation_a_backbone_expects(animal_mnist: None) -> None:
+    dm = AnimalMNISTDataModule(image_size=16)
+    assert _backbone_normalization("vit_tiny_patch16_224", True, dm) == ((0.5,) * 3, (0.5,) * 3)
+    assert _backbone_normalization("torchvision/mobilenet_v2", True, dm) is None  # ImageNet's, as the data has
+    assert _backbone_normalization("vit_tiny_patch16_224", False, dm) is None  # random weights expect nothing
