@@ -164,42 +164,129 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     }
 
 
-#: Recipes of the few-label, equal-compute run (section 8): the baseline and the techniques meant for few labels.
-FEW_EQUAL_RECIPES = ("full", "linear_probe", "lpft", "l2sp")
+#: Recipes of the few-label, equal-compute run (section 8): the baseline, the techniques and the anchors.
+FEW_EQUAL_RECIPES = (
+    "full", "linear_probe", "lpft", "l2sp", "bss", "ema", "backbone_finetuning", "finetuning_scheduler", "fastai",
+)  # fmt: skip
+#: Recipes of the main-size run of the techniques (section 9): the baseline, section 5's best lt_finetune recipe,
+#: the techniques, and the anchors, every one with the same seeds in one run.
+MAIN_TECHNIQUE_RECIPES = (
+    "full", "gradual_unfreeze", "lpft", "l2sp", "bss", "ema", "backbone_finetuning", "finetuning_scheduler", "fastai",
+)  # fmt: skip
+#: fastai's `fine_tune` is not a registered recipe (it is not a Lightning run): what the tables say of it.
+FASTAI = {
+    "label": "fastai fine_tune",
+    "family": "anchor",
+    "description": "fine_tune(epochs-1, freeze_epochs=1), base_lr 2e-3 (documented defaults), on unflipped tensors",
+}
 
 
 def run_few_equal(settings: Settings, log: Any = print) -> dict[str, Any]:
     """Section 8: ``few_per_class`` labels per class at the optimizer steps of ``main_per_class`` (data cycled)."""
+    names = list(settings.extra.get("few_equal_recipes", FEW_EQUAL_RECIPES))
+    return _run_one_size(settings, settings.few_per_class, settings.main_per_class, names, log)
+
+
+def run_main_techniques(settings: Settings, log: Any = print) -> dict[str, Any]:
+    """Section 9: the techniques and the anchors at ``main_per_class`` labels per class, every seed."""
+    names = list(settings.extra.get("main_technique_recipes", MAIN_TECHNIQUE_RECIPES))
+    return _run_one_size(settings, settings.main_per_class, None, names, log)
+
+
+def _run_one_size(
+    settings: Settings, per_class: int, steps_of: int | None, names: list[str], log: Any
+) -> dict[str, Any]:
+    """Every recipe of ``names`` (those installed) with every seed at one labelled-set size; with ``steps_of``, the
+    training images are cycled to the optimizer steps of that size."""
+    from benchmarks.techniques import fastai_available
+
     weights = weights_path()
     hparams = load_hparams()
-    names = list(settings.extra.get("few_equal_recipes", FEW_EQUAL_RECIPES))
-    recipes, skipped = available_recipes(names)
+    fastai = "fastai" in names
+    recipes, skipped = available_recipes([n for n in names if n != "fastai"])
+    if fastai and not fastai_available():
+        fastai, skipped = False, {**skipped, "fastai": "optional dependency not installed (make bench-setup)"}
     runs: list[dict[str, Any]] = []
-    per_class = settings.few_per_class
+    what = f"{per_class:>3}/class" + (" (equal steps)" if steps_of else "")
     for seed in settings.seeds:
-        dm = datamodule(per_class, seed, settings.main_per_class)
+        dm = datamodule(per_class, seed, steps_of)
         test_loader = dm.test_dataloader()
-        for name in recipes:
-            result = train_recipe(name, hparams, dm, test_loader, settings, seed, False, weights)
+        for name in [*recipes, *(["fastai"] if fastai else [])]:
+            if name == "fastai":
+                result = _fastai_run(dm, test_loader, settings, seed)
+            else:
+                result = train_recipe(name, hparams, dm, test_loader, settings, seed, False, weights)
             runs.append({"recipe": name, "per_class": per_class, "seed": seed, **result})
-            log(f"  {per_class:>3}/class (equal steps) seed {seed} {name:<14} test acc {result['final']:.3f}")
+            log(f"  {what} seed {seed} {name:<20} test acc {result['final']:.3f} ({result['wall_s']:.0f} s)")
+    described = {
+        n: {"label": RECIPES[n].label, "family": RECIPES[n].family, "description": RECIPES[n].description}
+        for n in [*recipes, *skipped]
+        if n in RECIPES
+    }
     return {
-        "recipes": {
-            n: {"label": RECIPES[n].label, "family": RECIPES[n].family, "description": RECIPES[n].description}
-            for n in [*recipes, *skipped]
-        },
+        "recipes": {**described, **({"fastai": FASTAI} if "fastai" in names else {})},
         "hparams": {key: hparams[key] for key in sorted({RECIPES[n].hparams for n in recipes})},
         "hparams_source": LR_TABLE.name if LR_TABLE.is_file() else "DEFAULT_HPARAMS (lr_table.json missing)",
         "pick": pick(),
         "skipped": skipped,
         "runs": runs,
         "protocol": {
+            "per_class": per_class,
             "few_per_class": per_class,
-            "steps_of_per_class": settings.main_per_class,
+            "steps_of_per_class": steps_of or per_class,
             "test_per_class": TEST_PER_CLASS,
             "epochs": settings.epochs,
-            "equal_steps": True,
+            "equal_steps": steps_of is not None,
             "seeds": list(settings.seeds),
             "limit_train_batches": settings.limit_train_batches,
         },
+    }
+
+
+def _fastai_run(dm: AnimalMNISTDataModule, test_loader: Any, settings: Settings, seed: int) -> dict[str, Any]:
+    """The fastai anchor on the datamodule's training images as tensors (unflipped: fastai gets no augmentation)."""
+    from benchmarks.techniques import _tensors, fit_fastai
+
+    start = time.perf_counter()
+    train = dm.train_dataset
+    base = train.dataset if isinstance(train, Cycled) else train
+    plain = copy.copy(base)
+    plain.hflip = False  # type: ignore[union-attr]
+    x, y = _tensors(plain)
+    if isinstance(train, Cycled):  # the same optimizer steps as the other recipes
+        repeats = -(-len(train) // len(plain))
+        x, y = x.repeat(repeats, 1, 1, 1)[: len(train)], y.repeat(repeats)[: len(train)]
+    if settings.limit_train_batches:
+        x, y = x[: settings.limit_train_batches * 64], y[: settings.limit_train_batches * 64]
+    model = fit_fastai((x, y), _tensors(dm.val_dataset), seed, settings.epochs)
+    final = accuracy(model, test_loader, settings.limit_test_batches)
+    return {"history": [], "final": final, "wall_s": time.perf_counter() - start}
+
+
+def merge_runs(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` runs of some recipes over a ``stored`` result of the same section: the stored runs of the recipes
+    ``new`` did not run are kept. The protocols must agree (size, steps, epochs, seeds), so that every row of the
+    merged table was produced the same way.
+
+    Raises:
+        ValueError: If the protocols differ.
+    """
+    keys = ("per_class", "steps_of_per_class", "epochs", "seeds", "limit_train_batches", "test_per_class")
+
+    def get(protocol: dict[str, Any], key: str) -> Any:
+        return protocol.get(key, protocol.get("few_per_class")) if key == "per_class" else protocol.get(key)
+
+    differ = {k: (get(stored["protocol"], k), get(new["protocol"], k)) for k in keys}
+    differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+    if differ:
+        raise ValueError(f"cannot merge runs of another protocol into the stored result: {differ}; rerun every recipe")
+    ran = {r["recipe"] for r in new["runs"]}
+    kept = [r for r in stored["runs"] if r["recipe"] not in ran]
+    skipped = {k: v for k, v in {**stored["skipped"], **new["skipped"]}.items() if k not in ran}
+    return {
+        **new,
+        "recipes": {**stored["recipes"], **new["recipes"]},
+        "hparams": {**stored["hparams"], **new["hparams"]},
+        "skipped": skipped,
+        "runs": [*kept, *new["runs"]],
     }

@@ -34,7 +34,13 @@ def mean_pm_std(values: Sequence[float]) -> str:
 def meta_line(result: dict[str, Any]) -> str:
     """The italic line naming the command, settings, start and wall time of a section's run."""
     meta = result["meta"]
-    return (
+    line = (
         f"*Produced by `{meta['command']}` ({meta['mode']} settings) on {meta['started']}; "
-        f"section wall time {meta['wall_s']:.0f} s.*"
+        f"section wall time {meta['wall_s']:.0f} s"
     )
+    for earlier in meta.get("earlier", []):
+        line += (
+            f"; the other recipes' rows by `{earlier['command']}` on {earlier['started']} "
+            f"({earlier['wall_s']:.0f} s), same protocol"
+        )
+    return line + ".*"

@@ -15,7 +15,7 @@ from benchmarks.common import REPO, REPORT, RESULTS_DIR, load_result
 from benchmarks.goals import Goal, goals_table
 from benchmarks.markdown import table
 from benchmarks.prose import ANCHOR_NOTES, HOW_TO_RUN, INTRO
-from benchmarks.report_accuracy import accuracy_section, few_equal_section
+from benchmarks.report_accuracy import accuracy_section, few_equal_section, main_techniques_section
 from benchmarks.report_cost import ddp_section, memory_section, overhead_section, scale_section, speedup_section
 from benchmarks.report_techniques import techniques_section
 
@@ -24,7 +24,7 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
     """Write the Markdown report and its plots (next to it, under ``<out stem>/``); returns the plot paths."""
     images = out.parent / out.stem
     run = load_result(results_dir, "run")
-    sections = ("speed", "ddp", "memory", "accuracy", "scale", "techniques", "few_equal")
+    sections = ("speed", "ddp", "memory", "accuracy", "scale", "techniques", "few_equal", "main_techniques")
     results = {name: load_result(results_dir, name) for name in sections}
     goals: list[Goal] = []
     plots: list[str] = []
@@ -46,6 +46,8 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
         body += techniques_section(results["techniques"], goals, images, plots)
     if results["few_equal"]:
         body += few_equal_section(results["few_equal"], goals)
+    if results["main_techniques"]:
+        body += main_techniques_section(results["main_techniques"], goals)
     meta = run["meta"] if run else {}
     lines = list(INTRO)
     if meta:

@@ -2,9 +2,9 @@
 
 Sections: 1 overhead, 2 freezing speed-up kept (1 and 2 share one timing run), 3 DDP, 4 memory, 5 accuracy,
 6 scale, 7 fine-tuning techniques in and out of distribution (MNIST-5k to UCI digits), 8 few labels at equal
-compute (Animal-MNIST). Each section's raw results
-go to ``<results-dir>/<section>.json``; the report is rebuilt from every result file there, so a partial run keeps
-the other sections' last results (each table names its own run).
+compute (Animal-MNIST), 9 the techniques and the anchors at the main size (Animal-MNIST, every seed). Each
+section's raw results go to ``<results-dir>/<section>.json``; the report is rebuilt from every result file there,
+so a partial run keeps the other sections' last results (each table names its own run).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from benchmarks.common import (
     SETTINGS,
     Settings,
     library_versions,
+    load_result,
     machine_info,
     missing_assets,
     quiet,
     save_result,
 )
 
-ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def _log(message: str) -> None:
@@ -55,6 +56,8 @@ def _section_runners(sections: set[int]) -> list[tuple[str, set[int], Callable[[
         runners.append(("techniques", {7}, lambda s: techniques.run(s, _log)))
     if 8 in sections:
         runners.append(("few_equal", {8}, lambda s: accuracy.run_few_equal(s, _log)))
+    if 9 in sections:
+        runners.append(("main_techniques", {9}, lambda s: accuracy.run_main_techniques(s, _log)))
     return runners
 
 
@@ -82,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", type=_parse_sections, default=set(ALL_SECTIONS), help="e.g. 1,2,5 (default: all)")
     parser.add_argument("--seeds", type=str, default=None, help="override the accuracy seeds, e.g. 0,1,2")
     parser.add_argument(
+        "--recipes",
+        type=str,
+        default=None,
+        help="sections 8 and 9: run only these recipes (e.g. backbone_finetuning,fastai) and keep the stored runs of "
+        "the others; the protocol and seeds must be those of the stored result",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -95,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = SETTINGS["full" if args.full else "smoke" if args.smoke else "default"]
     if args.seeds:
         settings = replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    only = [r for r in (args.recipes or "").split(",") if r]
+    if only:
+        extra = {**settings.extra, "few_equal_recipes": only, "main_technique_recipes": only}
+        settings = replace(settings, extra=extra)
     smoke_dir = Path("/tmp/lt_finetune_bench_smoke")
     results_dir = args.results_dir or (smoke_dir / "results" if args.smoke else RESULTS_DIR)
     out = args.out or (smoke_dir / "benchmarks.md" if args.smoke else REPORT)
@@ -119,6 +133,13 @@ def main(argv: list[str] | None = None) -> None:
             "settings": settings.to_dict(),
             "load": _load(),
         }
+        if only and name in ("few_equal", "main_techniques"):
+            from benchmarks.accuracy import merge_runs
+
+            stored = load_result(results_dir, name)
+            if stored is not None:
+                data = merge_runs(stored["data"], data)
+                meta["earlier"] = [*stored["meta"].get("earlier", []), {**stored["meta"], "earlier": []}]
         save_result(results_dir, name, data, meta)
         _log(f"section {name} done in {wall:.0f} s")
     wall = time.perf_counter() - start

@@ -510,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet()
         started, load_before, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _load(), time.perf_counter()
         datasets = [d for d in args.datasets.split(",") if d and (d != "fashion_mnist" or fashion_mnist_files())]
+        for missing in sorted(set(args.datasets.split(",")) - set(datasets) - {""}):
+            print(f"skipped {missing}: its files are missing (`make bench-setup` installs Fashion-MNIST as root)")
         rank = [rank_vs_finetune(d) for d in datasets]
         runs = advise_runs()
         result = {

@@ -165,6 +165,16 @@ def _snapshot_entry(model: Any) -> dict[str, Any]:
 
 def run_fastai(data: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
     """fastai's documented `fine_tune(epochs - 1, freeze_epochs=1)` with base_lr 2e-3 on the same images and net."""
+    start = time.perf_counter()
+    model = fit_fastai(data["train_tensors"], _tensors(data["val"].dataset), seed, epochs)
+    return {"rows": [{"recipe": "fastai", **_scores(model, data), "wall_s": time.perf_counter() - start}]}
+
+
+def fit_fastai(
+    train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], seed: int, epochs: int, num_classes: int = NUM_CLASSES
+) -> torch.nn.Module:
+    """ImageNet MobileNetV2 with a new head, fitted by fastai's `fine_tune(epochs - 1, freeze_epochs=1)` (base_lr
+    2e-3, its documented defaults) on the given normalised image tensors; returns the fitted network."""
     import fastai.callback.all  # noqa: F401  (patches Learner with fine_tune, no_bar, no_logging)
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader as FastaiLoader
@@ -175,20 +185,17 @@ def run_fastai(data: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
     from torch.utils.data import TensorDataset
     from torchvision.models import mobilenet_v2
 
-    start = time.perf_counter()
     set_seed(seed, reproducible=True)
-    x, y = data["train_tensors"]
     net = mobilenet_v2()
     net.load_state_dict(torch.load(weights_path(), map_location="cpu"))
-    net.classifier[-1] = torch.nn.Linear(net.last_channel, NUM_CLASSES)
-    train_dl = FastaiLoader(TensorDataset(x, y), bs=BATCH, shuffle=True, drop_last=False)
-    val_dl = FastaiLoader(TensorDataset(*_tensors(data["val"].dataset)), bs=256)
+    net.classifier[-1] = torch.nn.Linear(net.last_channel, num_classes)
+    train_dl = FastaiLoader(TensorDataset(*train), bs=BATCH, shuffle=True, drop_last=False)
+    val_dl = FastaiLoader(TensorDataset(*val), bs=256)
     dls = DataLoaders(train_dl, val_dl, device=torch.device("cpu"))
     learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=_fastai_splitter, wd=0.01)
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs - 1, base_lr=2e-3, freeze_epochs=1)
-    model = learn.model
-    return {"rows": [{"recipe": "fastai", **_scores(model, data), "wall_s": time.perf_counter() - start}]}
+    return learn.model
 
 
 def _fastai_splitter(model: Any) -> list[list[Any]]:
