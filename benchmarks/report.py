@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.report`` regenerates the report without re-running anything. The page is assembled here;
 the goals live in ``goals.py``, the fixed text in ``prose.py``, the sections in ``report_cost.py`` (1-4, 6) and
-``report_accuracy.py`` (5), the figures in ``plots.py``.
+``report_accuracy.py`` (5, 8, 9), ``select_validation.py`` (10), the figures in ``plots.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from benchmarks.prose import ANCHOR_NOTES, HOW_TO_RUN, INTRO
 from benchmarks.report_accuracy import accuracy_section, few_equal_section, main_techniques_section
 from benchmarks.report_cost import ddp_section, memory_section, overhead_section, scale_section, speedup_section
 from benchmarks.report_techniques import techniques_section
+from benchmarks.select_validation import benchmarks_section, load_for_report
 
 
 def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[str]:
@@ -48,6 +49,9 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
         body += few_equal_section(results["few_equal"], goals)
     if results["main_techniques"]:
         body += main_techniques_section(results["main_techniques"], goals)
+    selection = load_for_report(results_dir)
+    if selection:
+        body += benchmarks_section(selection)
     meta = run["meta"] if run else {}
     lines = list(INTRO)
     if meta:

@@ -306,7 +306,7 @@ def taus(entry: dict[str, Any]) -> dict[str, tuple[float | None, int]]:
 # -- 2. advise vs the accuracy benchmark -------------------------------------------------------------------------
 
 
-def measured_truth() -> dict[str, dict[str, float]]:
+def measured_truth(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, float]]:
     """Mean test accuracy per recipe of the stored accuracy benchmark: per table, recipe -> mean over seeds."""
     tables: dict[str, dict[str, float]] = {}
     for section, name in (
@@ -314,7 +314,7 @@ def measured_truth() -> dict[str, dict[str, float]]:
         ("few_equal", "section 8, equal compute"),
         ("main_techniques", "section 9, techniques and anchors"),
     ):
-        path = RESULTS_DIR / f"{section}.json"
+        path = results_dir / f"{section}.json"
         if not path.is_file():
             continue
         runs = json.loads(path.read_text())["data"]["runs"]
@@ -423,9 +423,32 @@ def report(result: dict[str, Any]) -> str:
         "the two ImageNet models is within run-to-run noise.",
         "",
     ]
+    lines += rank_lines(result)
+    lines += [
+        "## 2. Does the advisor's recipe land within 1 point of the best recipe?",
+        "",
+        "Evidence measured by `lt_finetune.advise.measure_evidence` with ImageNet MobileNetV2 on the accuracy "
+        "benchmark's Animal-MNIST splits (90 validation and 200 test images per class; Fashion-MNIST: the same counts "
+        f"from its own training and test sets), up to {s['advise_max_samples']} training images for the probe, "
+        f"{s['image_size']} px. The truth "
+        "is the stored, already measured tables of `docs/benchmarks.md` (`benchmarks/results/accuracy.json`: section "
+        "5, 2 seeds, equal epochs; `few_equal.json`: section 8, 3 seeds, 10 labels per class at the optimizer steps of "
+        "200; `main_techniques.json`: section 9, 3 seeds, 200 labels per class, the techniques and the anchors), read "
+        "when this page is built. The tables of sections 5 and 8 were known when the thresholds were set "
+        "(`docs/selection.md`), so their rows are a consistency check, not an independent test; section 9 was "
+        "measured after the thresholds were fixed.",
+        "",
+    ]
+    lines += advise_lines(result)
+    return "\n".join(lines)
+
+
+def rank_lines(result: dict[str, Any], level: str = "###") -> list[str]:
+    """Per dataset: the scores beside the fine-tuned accuracy, and each score's Kendall's tau."""
+    lines: list[str] = []
     for entry in result["rank"]:
         rows = rows_from_dicts(entry["rows"])
-        lines += [f"### {TITLES.get(entry['dataset'], entry['dataset'])}", ""]
+        lines += [f"{level} {TITLES.get(entry['dataset'], entry['dataset'])}", ""]
         lines += [
             "| candidate | LogME | H-score | LEEP | NCE | mean rank | score (s) | fine-tuned test acc | FT (s) |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -450,19 +473,13 @@ def report(result: dict[str, Any]) -> str:
         "random control has no source head) only -1 and 1; the random control is expected last by every score and "
         "every run, so the informative part is the order of the two ImageNet models.",
         "",
-        "## 2. Does the advisor's recipe land within 1 point of the best recipe?",
-        "",
-        "Evidence measured by `lt_finetune.advise.measure_evidence` with ImageNet MobileNetV2 on the accuracy "
-        "benchmark's Animal-MNIST splits (90 validation and 200 test images per class; Fashion-MNIST: the same counts "
-        f"from its own training and test sets), up to {s['advise_max_samples']} training images for the probe, "
-        f"{s['image_size']} px. The truth "
-        "is the stored, already measured tables of `docs/benchmarks.md` (`benchmarks/results/accuracy.json`: section "
-        "5, 2 seeds, equal epochs; `few_equal.json`: section 8, 3 seeds, 10 labels per class at the optimizer steps of "
-        "200; `main_techniques.json`: section 9, 3 seeds, 200 labels per class, the techniques and the anchors), read "
-        "when this page is built. The tables of sections 5 and 8 were known when the thresholds were set "
-        "(`docs/selection.md`), so their rows are a consistency check, not an independent test; section 9 was "
-        "measured after the thresholds were fixed.",
-        "",
+    ]
+    return lines
+
+
+def advise_lines(result: dict[str, Any]) -> list[str]:
+    """The advisor's recipe per dataset and size beside the best recipe of each stored table."""
+    lines = [
         "| dataset | labels/class | probe acc | source confidence | advised | table | advised acc | best recipe "
         "| best acc | gap | within 1 pt |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -491,7 +508,40 @@ def report(result: dict[str, Any]) -> str:
         "gradual unfreezing with layer-wise decay.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def benchmarks_section(result: dict[str, Any]) -> list[str]:
+    """The section of ``docs/benchmarks.md``: the tables of the validation page, which explains the protocol."""
+    s = result["settings"]
+    lines = [
+        "## 10. Choosing the backbone and the recipe (`rank`, `advise`)",
+        "",
+        "Do the transferability scores of `lt-finetune rank` order the candidates as fine-tuning does, and does "
+        "`lt-finetune advise` pick a recipe within 1 point of the best measured one? The protocol is on "
+        "[the validation page](benchmarks/select_validation.md): scores on "
+        f"{s['rank_per_class']} training images per class at {s['image_size']} px, the truth one fine-tuning run per "
+        f"candidate (seed {s['seed']}, {s['epochs']} epochs); the advice checked against the recipe tables above.",
+        "",
+        f"*Produced by `python -m benchmarks.select_validation` on {result['started']}; "
+        f"wall time {result['wall_s'] / 60:.1f} min.*",
+        "",
+    ]
+    lines += rank_lines(result)
+    lines += ["### The advisor", ""]
+    lines += advise_lines(result)
+    return lines
+
+
+def load_for_report(results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    """The stored validation with the advice checked against the recipe tables stored now, or ``None``."""
+    path = results_dir / f"{RESULT}.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    # The advice is stored; the truth is whatever the recipe tables hold now (they may have grown since).
+    result["advise_checks"] = advise_checks(result["advise"], measured_truth(results_dir))
+    return dict(result)
 
 
 def _load() -> str:
@@ -513,8 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, page = tmp / "select_validation_smoke.json", tmp / "select_validation_smoke.md"
     if args.report:
         result = json.loads(path.read_text())
-        # The advice is stored; the truth is whatever the recipe tables hold now (they may have grown since).
-        result["advise_checks"] = advise_checks(result["advise"], measured_truth())
+        result["advise_checks"] = advise_checks(result["advise"], measured_truth())  # the tables stored now
     else:
         quiet()
         started, load_before, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _load(), time.perf_counter()
