@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from benchmarks.common import EpochEval, Settings, accuracy, make_trainer, scratch_dir, weights_path
-from benchmarks.recipes import LR_TABLE, RECIPES, build, load_hparams
+from benchmarks.recipes import FEW_TABLE, LR_TABLE, RECIPES, build, load_few_hparams, load_hparams
 from lt_finetune.data._common import stratified_split
 from lt_finetune.data.animal_mnist import AnimalMNISTDataModule
 
@@ -193,15 +193,35 @@ def run_main_techniques(settings: Settings, log: Any = print) -> dict[str, Any]:
     return _run_one_size(settings, settings.main_per_class, None, names, log)
 
 
+def run_few_tuned(settings: Settings, log: Any = print) -> dict[str, Any]:
+    """Section 10: section 8's protocol with the hyper-parameters chosen at ``few_per_class`` on validation data
+    carved from the labelled images (``few_lr_table.json``, written by ``python -m benchmarks.select_few``)."""
+    if not FEW_TABLE.is_file():
+        raise FileNotFoundError(f"{FEW_TABLE.name} is missing: run `python -m benchmarks.select_few` first")
+    table = json.loads(FEW_TABLE.read_text())
+    names = list(settings.extra.get("few_tuned_recipes", table["chosen"]))
+    result = _run_one_size(
+        settings, settings.few_per_class, settings.main_per_class, names, log, load_few_hparams(), FEW_TABLE.name
+    )
+    return {**result, "selection": {k: table[k] for k in ("command", "protocol", "validation_scores", "trials")}}
+
+
 def _run_one_size(
-    settings: Settings, per_class: int, steps_of: int | None, names: list[str], log: Any
+    settings: Settings,
+    per_class: int,
+    steps_of: int | None,
+    names: list[str],
+    log: Any,
+    hparams: dict[str, dict[str, float]] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Every recipe of ``names`` (those installed) with every seed at one labelled-set size; with ``steps_of``, the
-    training images are cycled to the optimizer steps of that size."""
+    training images are cycled to the optimizer steps of that size. Hyper-parameters from ``hparams`` (default:
+    the section-5 table, :func:`load_hparams`)."""
     from benchmarks.techniques import fastai_available
 
     weights = weights_path()
-    hparams = load_hparams()
+    hparams = load_hparams() if hparams is None else hparams
     fastai = "fastai" in names
     recipes, skipped = available_recipes([n for n in names if n != "fastai"])
     if fastai and not fastai_available():
@@ -225,8 +245,12 @@ def _run_one_size(
     }
     return {
         "recipes": {**described, **({"fastai": FASTAI} if "fastai" in names else {})},
-        "hparams": {key: hparams[key] for key in sorted({RECIPES[n].hparams for n in recipes})},
-        "hparams_source": LR_TABLE.name if LR_TABLE.is_file() else "DEFAULT_HPARAMS (lr_table.json missing)",
+        "hparams": {
+            **{key: hparams[key] for key in sorted({RECIPES[n].hparams for n in recipes})},
+            **{n: hparams[n] for n in recipes if n in hparams},
+        },
+        "hparams_source": source
+        or (LR_TABLE.name if LR_TABLE.is_file() else "DEFAULT_HPARAMS (lr_table.json missing)"),
         "pick": pick(),
         "skipped": skipped,
         "runs": runs,

@@ -30,6 +30,8 @@ from lt_finetune import FreezeBackbone, GradualUnfreeze, LayerwiseLR, TransferMo
 from lt_finetune.callbacks import BSS, EMA, L2SP, LPFT
 
 LR_TABLE = Path(__file__).with_name("lr_table.json")
+#: The hyper-parameters chosen at 10 labels per class (``python -m benchmarks.select_few``), per recipe.
+FEW_TABLE = Path(__file__).with_name("few_lr_table.json")
 Family = Literal["baseline", "lt_finetune", "anchor"]
 Built = tuple[pl.LightningModule, list[Callback]]
 
@@ -106,6 +108,15 @@ def load_hparams() -> dict[str, dict[str, float]]:
     return table
 
 
+def load_few_hparams() -> dict[str, dict[str, float]]:
+    """:func:`load_hparams` with the recipes chosen at 10 labels per class (``few_lr_table.json``) on top."""
+    table = load_hparams()
+    if FEW_TABLE.is_file():
+        for name, value in json.loads(FEW_TABLE.read_text()).get("chosen", {}).items():
+            table[name] = dict(value)
+    return table
+
+
 def build(
     name: str,
     hparams: Mapping[str, Mapping[str, float]],
@@ -115,13 +126,18 @@ def build(
     epochs: int,
     steps_per_epoch: int | None = None,
 ) -> Built:
-    """Build recipe ``name`` with the hyper-parameters of its key, for a run of ``epochs`` epochs.
+    """Build recipe ``name`` with its hyper-parameters (:func:`recipe_hparams`), for a run of ``epochs`` epochs.
 
     ``steps_per_epoch`` feeds the rules of the recipes whose settings depend on the run's length (EMA, LPFT).
     """
     recipe = RECIPES[name]
     extra = {} if steps_per_epoch is None else {"steps_per_epoch": steps_per_epoch}
-    return recipe.build(RecipeContext(hparams[recipe.hparams], weights, num_classes, root, epochs, extra))
+    return recipe.build(RecipeContext(recipe_hparams(name, hparams), weights, num_classes, root, epochs, extra))
+
+
+def recipe_hparams(name: str, hparams: Mapping[str, Mapping[str, float]]) -> Mapping[str, float]:
+    """A recipe's hyper-parameters: its own entry of the table (chosen for it alone), else its key's."""
+    return hparams[name] if name in hparams else hparams[RECIPES[name].hparams]
 
 
 # -- builders ----------------------------------------------------------------------------------------------------
@@ -228,13 +244,15 @@ def _total_steps(ctx: RecipeContext) -> int:
 @register("l2sp", "L2-SP", family="lt_finetune", hparams="full")
 def _l2sp(ctx: RecipeContext) -> Built:
     """`L2SP(alpha=0.01, beta=0.01)` (the paper's defaults) instead of weight decay, full fine-tuning otherwise."""
-    return _transfer(ctx, weight_decay=0.0), [L2SP(alpha=0.01, beta=0.01)]
+    alpha = float(ctx.hparams.get("alpha", 0.01))  # the paper's default unless chosen for this size on validation
+    return _transfer(ctx, weight_decay=0.0), [L2SP(alpha=alpha, beta=0.01)]
 
 
 @register("bss", "BSS", family="lt_finetune", hparams="full")
 def _bss(ctx: RecipeContext) -> Built:
     """`BSS(weight=1e-3, k=1)` (the paper's and TLlib's defaults) on full fine-tuning."""
-    return _transfer(ctx), [BSS(weight=1e-3, k=1)]
+    weight = float(ctx.hparams.get("weight", 1e-3))  # the paper's default unless chosen on validation
+    return _transfer(ctx), [BSS(weight=weight, k=1)]
 
 
 @register("ema", "EMA of weights", family="lt_finetune", hparams="full")

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.report`` regenerates the report without re-running anything. The page is assembled here;
 the goals live in ``goals.py``, the fixed text in ``prose.py``, the sections in ``report_cost.py`` (1-4, 6) and
-``report_accuracy.py`` (5, 8, 9), ``select_validation.py`` (10), the figures in ``plots.py``.
+``report_accuracy.py`` (5, 8-10), ``select_validation.py`` (11), the figures in ``plots.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from benchmarks.common import REPO, REPORT, RESULTS_DIR, load_result
 from benchmarks.goals import Goal, goals_table
 from benchmarks.markdown import table
 from benchmarks.prose import ANCHOR_NOTES, HOW_TO_RUN, INTRO
-from benchmarks.report_accuracy import accuracy_section, few_equal_section, main_techniques_section
+from benchmarks.report_accuracy import accuracy_section, few_equal_section, few_tuned_section, main_techniques_section
 from benchmarks.report_cost import ddp_section, memory_section, overhead_section, scale_section, speedup_section
 from benchmarks.report_techniques import techniques_section
 from benchmarks.select_validation import benchmarks_section, load_for_report
@@ -25,7 +25,9 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
     """Write the Markdown report and its plots (next to it, under ``<out stem>/``); returns the plot paths."""
     images = out.parent / out.stem
     run = load_result(results_dir, "run")
-    sections = ("speed", "ddp", "memory", "accuracy", "scale", "techniques", "few_equal", "main_techniques")
+    sections = (
+        "speed", "ddp", "memory", "accuracy", "scale", "techniques", "few_equal", "main_techniques", "few_tuned",
+    )  # fmt: skip
     results = {name: load_result(results_dir, name) for name in sections}
     goals: list[Goal] = []
     plots: list[str] = []
@@ -49,6 +51,8 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = REPORT) -> list[st
         body += few_equal_section(results["few_equal"], goals)
     if results["main_techniques"]:
         body += main_techniques_section(results["main_techniques"], goals)
+    if results["few_tuned"]:
+        body += few_tuned_section(results["few_tuned"], goals)
     selection = load_for_report(results_dir)
     if selection:
         body += benchmarks_section(selection)

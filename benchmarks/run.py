@@ -2,7 +2,8 @@
 
 Sections: 1 overhead, 2 freezing speed-up kept (1 and 2 share one timing run), 3 DDP, 4 memory, 5 accuracy,
 6 scale, 7 fine-tuning techniques in and out of distribution (MNIST-5k to UCI digits), 8 few labels at equal
-compute (Animal-MNIST), 9 the techniques and the anchors at the main size (Animal-MNIST, every seed). Each
+compute (Animal-MNIST), 9 the techniques and the anchors at the main size (Animal-MNIST, every seed), 10 few labels
+at equal compute with the hyper-parameters chosen at that size (``python -m benchmarks.select_few`` first). Each
 section's raw results go to ``<results-dir>/<section>.json``; the report is rebuilt from every result file there,
 so a partial run keeps the other sections' last results (each table names its own run).
 """
@@ -31,7 +32,7 @@ from benchmarks.common import (
     save_result,
 )
 
-ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 def _log(message: str) -> None:
@@ -58,6 +59,8 @@ def _section_runners(sections: set[int]) -> list[tuple[str, set[int], Callable[[
         runners.append(("few_equal", {8}, lambda s: accuracy.run_few_equal(s, _log)))
     if 9 in sections:
         runners.append(("main_techniques", {9}, lambda s: accuracy.run_main_techniques(s, _log)))
+    if 10 in sections:
+        runners.append(("few_tuned", {10}, lambda s: accuracy.run_few_tuned(s, _log)))
     return runners
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "--recipes",
         type=str,
         default=None,
-        help="sections 8 and 9: run only these recipes (e.g. backbone_finetuning,fastai) and keep the stored runs of "
+        help="sections 8-10: run only these recipes (e.g. backbone_finetuning,fastai) and keep the stored runs of "
         "the others; the protocol and seeds must be those of the stored result",
     )
     parser.add_argument(
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
     only = [r for r in (args.recipes or "").split(",") if r]
     if only:
-        extra = {**settings.extra, "few_equal_recipes": only, "main_technique_recipes": only}
+        extra = {**settings.extra, "few_equal_recipes": only, "main_technique_recipes": only, "few_tuned_recipes": only}
         settings = replace(settings, extra=extra)
     smoke_dir = Path("/tmp/lt_finetune_bench_smoke")
     results_dir = args.results_dir or (smoke_dir / "results" if args.smoke else RESULTS_DIR)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": settings.to_dict(),
             "load": _load(),
         }
-        if only and name in ("few_equal", "main_techniques"):
+        if only and name in ("few_equal", "main_techniques", "few_tuned"):
             from benchmarks.accuracy import merge_runs
 
             stored = load_result(results_dir, name)

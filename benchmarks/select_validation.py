@@ -515,7 +515,7 @@ def benchmarks_section(result: dict[str, Any]) -> list[str]:
     """The section of ``docs/benchmarks.md``: the tables of the validation page, which explains the protocol."""
     s = result["settings"]
     lines = [
-        "## 10. Choosing the backbone and the recipe (`rank`, `advise`)",
+        "## 11. Choosing the backbone and the recipe (`rank`, `advise`)",
         "",
         "Do the transferability scores of `lt-finetune rank` order the candidates as fine-tuning does, and does "
         "`lt-finetune advise` pick a recipe within 1 point of the best measured one? The protocol is on "
