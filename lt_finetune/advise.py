@@ -1,8 +1,9 @@
 """Advise a fine-tuning recipe from the data: labels per class, how well the pretrained features already fit, backbone.
 
 :func:`advise` is a pure function of an :class:`Evidence` record and :class:`Thresholds`; ``lt-finetune advise``
-(:func:`lt_finetune.advise_command.run_advise`) measures the evidence on the training data of a config, prints the reasoning with every
-number and threshold, and writes a config that ``lt-finetune fit --config`` runs (:func:`advised_config`).
+(:func:`lt_finetune.advise_command.run_advise`) measures the evidence on the training data of a config, prints the
+reasoning with every number and threshold, and writes a config that ``lt-finetune fit --config`` runs
+(:func:`advised_config`).
 
 The evidence:
 

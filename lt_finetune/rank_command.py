@@ -6,13 +6,14 @@ Usage::
     lt-finetune rank --config fit.yaml --candidates efficientnet_lite0=lite0.pth torchvision/mobilenet_v2=random \\
         --max_samples 2000 --output rank.json
 
-The data section is read as for ``fit`` (``--config``, ``--data ...``). Each candidate is ``NAME[=WEIGHTS]``
-(:func:`lt_finetune.ranking.parse_candidate`): a timm name or ``torchvision/<name>``, then ``=`` and a local
-weights file of the full model (classifier included), ``random``, or ``pretrained`` (the default: the library's
-download or cache). Every name is checked before the first forward pass. Each candidate makes one pass, without
+The data section is read as for ``fit`` (``--config``, ``--data ...``). Each candidate is
+``NAME[=WEIGHTS][,mean=M,std=S]`` (:func:`lt_finetune.ranking.parse_candidate`): a timm name or ``torchvision/<name>``,
+then ``=`` and a local weights file of the full model (classifier included), ``random``, or ``pretrained`` (the default:
+the library's download or cache), then, for a file trained with another normalisation than the name's registered
+weights, its mean and std. Every name is checked before the first forward pass. Each candidate makes one pass, without
 gradients, over at most ``--max_samples`` training images (stratified), read with the datamodule's evaluation
-preprocessing (no flips, no random crops), and gets LogME, H-score, LEEP and NCE (:mod:`lt_finetune.select`); the
-table says how long each took and which candidate the rule of :func:`lt_finetune.ranking.recommend` picks.
+preprocessing (no flips, no random crops), and gets LogME, H-score, LEEP and NCE (:mod:`lt_finetune.select`); the table
+says how long each took and which candidate the rule of :func:`lt_finetune.ranking.recommend` picks.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def rank_parser(cli: LightningCLI, **kwargs: Any) -> LightningArgumentParser:
         nargs="+",
         type=str,
         required=True,
-        help="Backbones as NAME[=WEIGHTS]: a weights file of the full model, 'random' or 'pretrained' (default).",
+        help="Backbones as NAME[=WEIGHTS][,mean=M,std=S]: a weights file of the full model, 'random' or "
+        "'pretrained' (default); mean/std (one value, or per channel joined by '/') for a file trained with a "
+        "normalisation other than the name's registered weights.",
     )
     parser.add_argument(
         "--max_samples", type=PositiveInt | None, default=1000, help="Training images scored (stratified); None: all."

@@ -86,22 +86,27 @@ class Candidate:
 
 
 def parse_candidate(spec: str) -> Candidate:
-    """Read ``NAME[=WEIGHTS]``: a model name and, after ``=``, a local weights file, ``random`` or ``pretrained``.
+    """Read ``NAME[=WEIGHTS][,mean=M,std=S]``: a model name, its weights and, optionally, their normalisation.
 
     ``NAME`` is a timm name (``resnet18``, ``efficientnet_lite0``) or ``torchvision/<name>``. ``WEIGHTS`` is a path
     to a state dict of the *full* model (with its classifier, so LEEP and NCE can use the source head; without it
     they are n/a), ``random`` for random initialisation, or ``pretrained`` (the default when ``=`` is left out) for
     the library's standard weights: timm's hub or torchvision's ``$TORCH_HOME`` cache, which needs the network or a
-    cached file.
+    cached file. ``mean`` and ``std`` (one value for every channel, or one per channel joined by ``/``) say how a
+    weights file was trained when that differs from the name's registered weights; give both or neither.
 
     Raises:
-        ValueError: If the name is empty or unknown to timm and torchvision (with close matches).
+        ValueError: If the name is empty or unknown to timm and torchvision (with close matches), or the
+            normalisation options are malformed.
         FileNotFoundError: If ``WEIGHTS`` is neither a keyword nor an existing file.
 
     Example::
 
         >>> parse_candidate("resnet18")
         Candidate(name='resnet18', weights=True, label='resnet18')
+        >>> c = parse_candidate("efficientnet_lite0=pretrained,mean=0.5,std=0.5")
+        >>> c.mean, c.std
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         >>> parse_candidate("resnet1")
         Traceback (most recent call last):
         ...
@@ -109,7 +114,9 @@ def parse_candidate(spec: str) -> Candidate:
     """
     if not isinstance(spec, str):
         raise TypeError(f"Expected a candidate to be a string NAME[=WEIGHTS], got {spec!r}.")
-    name, sep, weights = spec.strip().partition("=")
+    head, *options = spec.strip().split(",")
+    mean, std = _parse_normalization(options, spec)
+    name, sep, weights = head.partition("=")
     name = name.strip()
     if not name:
         raise ValueError(f"Expected a candidate NAME[=WEIGHTS] with a model name, got {spec!r}.")
@@ -126,8 +133,34 @@ def parse_candidate(spec: str) -> Candidate:
             f"Candidate {spec!r}: weights {weights!r} is not a file (from the working directory {os.getcwd()!r}). "
             f"After '=' give a weights file, {_RANDOM!r} or {_PRETRAINED!r}."
         )
-    label = f"{name}={os.path.basename(resolved)}" if isinstance(resolved, str) else spec.strip()
-    return Candidate(name, resolved, label)
+    label = f"{name}={os.path.basename(resolved)}" if isinstance(resolved, str) else head.strip()
+    return Candidate(name, resolved, label, mean, std)
+
+
+def _parse_normalization(
+    options: Sequence[str], spec: str
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``mean=M`` and ``std=S`` of a candidate spec (``M``: one float, or floats joined by ``/``)."""
+    found: dict[str, tuple[float, ...]] = {}
+    for option in options:
+        key, sep, value = option.strip().partition("=")
+        if not sep or key not in ("mean", "std") or key in found:
+            raise ValueError(
+                f"Candidate {spec!r}: unexpected {option!r} after the weights; only `,mean=M,std=S` may follow "
+                "(each one value, or one per channel joined by '/', e.g. `,mean=0.5,std=0.5`)."
+            )
+        try:
+            values = tuple(float(v) for v in value.split("/"))
+        except ValueError:
+            raise ValueError(f"Candidate {spec!r}: {key}={value!r} is not a number or numbers joined by '/'.") from None
+        if len(values) == 1:
+            values = values * 3
+        if key == "std" and any(v <= 0 for v in values):
+            raise ValueError(f"Candidate {spec!r}: std must be positive, got {value!r}.")
+        found[key] = values
+    if len(found) == 1:
+        raise ValueError(f"Candidate {spec!r}: give both `mean=` and `std=`, or neither.")
+    return found.get("mean"), found.get("std")
 
 
 def _check_name(name: str, spec: str) -> None:

@@ -60,6 +60,10 @@ def test_candidate_specs(tmp_path: Path) -> None:
     assert parse_candidate("torchvision/mobilenet_v2=random").weights is False
     chosen = parse_candidate(f"torchvision/mobilenet_v2.IMAGENET1K_V1={weights}")
     assert chosen.weights == str(weights) and chosen.label == "torchvision/mobilenet_v2.IMAGENET1K_V1=w.pth"
+    # A converted file trained with another normalisation says so after the weights.
+    converted = parse_candidate(f"efficientnet_lite0={weights},mean=0.5,std=0.25/0.5/1")
+    assert (converted.weights, converted.label) == (str(weights), "efficientnet_lite0=w.pth")
+    assert candidate_normalization(converted) == ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
 
 
 @pytest.mark.parametrize(
@@ -71,6 +75,10 @@ def test_candidate_specs(tmp_path: Path) -> None:
         ("torchvision/resnet18.V9", ValueError, r"no weights 'V9' for 'resnet18'; available: \['IMAGENET1K_V1'"),
         ("resnet18=missing.pth", FileNotFoundError, r"weights 'missing.pth' is not a file.*'random' or 'pretrained'"),
         ("=random", ValueError, r"with a model name, got '=random'"),
+        ("resnet18,mean=0.5", ValueError, r"give both `mean=` and `std=`, or neither"),
+        ("resnet18,gamma=2", ValueError, r"unexpected 'gamma=2' after the weights; only `,mean=M,std=S` may follow"),
+        ("resnet18,mean=a,std=1", ValueError, r"mean='a' is not a number or numbers joined by '/'"),
+        ("resnet18,mean=0,std=0", ValueError, r"std must be positive, got '0'"),
     ],
 )
 def test_bad_candidates_say_what_is_wrong(spec: str, error: type[Exception], match: str) -> None:
