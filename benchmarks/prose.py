@@ -25,6 +25,8 @@ HOW_TO_RUN = [
     "python -m benchmarks.run --sections 7 --seeds 0,1,2   # techniques in/out of distribution (~25 min)",
     "python -m benchmarks.run --smoke          # tiny settings, results under /tmp: checks that it all runs",
     "python -m benchmarks.select_lr            # re-pick hyper-parameters on validation (lr_table.json)",
+    "python -m benchmarks.select_few           # section 10's, at 10 labels per class (few_lr_table.json)",
+    "python -m benchmarks.select_validation    # section 11: rank and advise vs fine-tuning (~15 min)",
     "python -m benchmarks.report               # rebuild this page from benchmarks/results/*.json",
     "```",
     "",
