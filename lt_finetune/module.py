@@ -173,6 +173,9 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         self.test_confusion_matrix: torch.Tensor | None = None
         #: Class names, task and eval preprocessing, from the datamodule at fit time or from the checkpoint.
         self.inference: dict[str, Any] | None = None
+        # Targets checked on an accelerator so far: reading their range back costs a device sync, so only the
+        # first ``_TARGET_CHECKS`` batches there are checked (every batch on the CPU, where it costs nothing).
+        self._accelerator_target_checks = 0
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -307,7 +310,10 @@ class TransferModule(LossTermsMixin, pl.LightningModule):
         if self.task == "multiclass":
             if target.is_floating_point() and target.ndim == 2:  # soft targets from Mixup/CutMix
                 return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-            _check_targets(target, logits.shape[-1])
+            on_host = target.device.type == "cpu"
+            if on_host or self._accelerator_target_checks < _TARGET_CHECKS:
+                _check_targets(target, logits.shape[-1])
+                self._accelerator_target_checks += 0 if on_host else 1
             return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
         if self.task == "binary":
             logits = logits.squeeze(-1)
@@ -548,6 +554,10 @@ def _newer(version: str, than: str) -> bool:
         return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
 
     return parts(version) > parts(than)
+
+
+#: Batches whose targets are range-checked on an accelerator (every batch is on the CPU).
+_TARGET_CHECKS = 16
 
 
 def _check_targets(target: torch.Tensor, num_classes: int) -> None:

@@ -159,3 +159,17 @@ def test_metrics_logged_during_fit_equal_torchmetrics_standalone(tmp_path: Path)
     assert expected["val/acc"] != expected["val/top5"]
     for name, value in expected.items():
         assert float(trainer.callback_metrics[name]) == pytest.approx(float(value), abs=1e-6), name
+
+
+def test_targets_are_range_checked_on_every_cpu_batch_and_the_first_accelerator_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On an accelerator the check reads the targets' range back (a device sync), so only the first batches pay it.
+    import lt_finetune.module as module
+
+    checked: list[str] = []
+    monkeypatch.setattr(module, "_check_targets", lambda target, num_classes: checked.append(target.device.type))
+    model = TransferModule(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), num_classes=3, input_size=(3, 16, 16))  # type: ignore[arg-type]
+    for device in ["cpu"] * 20 + ["meta"] * 20:  # "meta" stands in for an accelerator: no data, no sync
+        model._loss(torch.zeros(4, 3, device=device), torch.zeros(4, dtype=torch.long, device=device))
+    assert checked.count("cpu") == 20 and checked.count("meta") == module._TARGET_CHECKS < 20
