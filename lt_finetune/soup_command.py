@@ -15,12 +15,15 @@ plotted to ``--plot``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
+from torch.nn import Module
 
 from lt_finetune.extras import EXTRA_MODULES
 from lt_finetune.lora import restore_lora
+from lt_finetune.slim import restore_slim_checkpoint
 from lt_finetune.soups import (
     SweepPoint,
     greedy_soup,
@@ -35,7 +38,7 @@ from lt_finetune.soups import (
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["DEFAULT_ALPHAS", "run_soup", "soup_parser"]
+__all__ = ["DEFAULT_ALPHAS", "load_checkpoints", "run_soup", "soup_parser"]
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 Method = Literal["all", "uniform", "greedy", "wise_ft"]
@@ -62,13 +65,31 @@ def _model_state(state: dict[str, Tensor], model_keys: set[str]) -> dict[str, Te
     return {k: v for k, v in state.items() if k in model_keys or not k.startswith(EXTRA_MODULES + ".")}
 
 
+def load_checkpoints(model: Module, paths: Sequence[str]) -> list[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """The model weights and the whole checkpoint of each path, complete: what a slim checkpoint
+    (:class:`~lt_finetune.callbacks.SlimCheckpoint`) left out is filled back in, from ``model``'s own weights or the
+    weights file the checkpoint names, digests checked. ``model`` gets the LoRA adapters the first one needs.
+
+    Raises:
+        ValueError: If a path is not a Lightning checkpoint, or a slim one's pretrained tensors cannot be matched.
+        FileNotFoundError: If a slim checkpoint's weights file is gone and ``model`` does not hold those tensors.
+    """
+    loaded = []
+    for i, path in enumerate(paths):
+        _, checkpoint = load_state(path)
+        restore_slim_checkpoint(model, checkpoint)  # before anything reads the weights, as load_from_checkpoint does
+        if i == 0:
+            restore_lora(model, checkpoint)  # the config's model gets the adapters the weights need
+        loaded.append((dict(checkpoint["state_dict"]), checkpoint))
+    return loaded
+
+
 def run_soup(cli: LightningCLI) -> dict[str, Any]:
     """Run ``soup`` on the parsed CLI; prints a table and returns the scores (used by tests)."""
     options = cli.config["soup"]
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     metric = options.metric
-    loaded = [load_state(path) for path in options.checkpoints]
-    restore_lora(model, loaded[0][1])  # LoRA checkpoints: the config's model gets the adapters their weights need
+    loaded = load_checkpoints(model, options.checkpoints)
     keys = set(model.state_dict())
 
     def evaluate(state: dict[str, Tensor]) -> float:
@@ -100,7 +121,7 @@ def run_soup(cli: LightningCLI) -> dict[str, Any]:
     if method in ("all", "wise_ft"):
         label, theta, _ = max(candidates, key=lambda c: c[2])
         if options.theta0:
-            theta0 = _model_state(load_state(options.theta0)[0], keys)
+            theta0 = _model_state(load_checkpoints(model, [options.theta0])[0][0], keys)
         else:
             theta0 = _model_state(pretrained_state({**loaded[0][1], "state_dict": theta}), keys)
         best_state, curve = wise_ft(theta0, theta, options.alphas, evaluate)

@@ -204,3 +204,24 @@ def test_example_config_builds(capsys: pytest.CaptureFixture[str]) -> None:
     printed: dict[str, Any] = yaml.safe_load(capsys.readouterr().out)
     names = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
     assert "SlimCheckpoint" in names and "ModelCheckpoint" in names
+
+
+def test_soup_loading_fills_in_what_a_slim_checkpoint_left_out(tmp_path: Path, weights: Path) -> None:
+    from lt_finetune.soup_command import load_checkpoints
+    from lt_finetune.soups import pretrained_state, uniform_soup
+
+    model = _model(weights)
+    callbacks = [FreezeBackbone(), L2SP(alpha=0.1, beta=0.0), SlimCheckpoint(), _every(tmp_path / "ckpt", 3)]
+    _fit(tmp_path / "fit", model, callbacks, epochs=2)  # L2-SP keeps a snapshot, which the slim file leaves out
+    paths = [str(tmp_path / "ckpt" / f"step={s}.ckpt") for s in (3, 6)]
+    slim = torch.load(paths[0], weights_only=False)["state_dict"]
+    assert len(slim) < len(model.state_dict())  # the frozen backbone was left out of the file
+    config_model = _model(weights)  # what `lt-finetune soup` builds from the config
+    (first, checkpoint), (last, _) = load_checkpoints(config_model, paths)
+    assert set(first) == set(model.state_dict()) == set(last)
+    config_model.load_state_dict(last)  # strict: nothing missing
+    assert _same_state(config_model, model)  # the last checkpoint is the fitted model, backbone included
+    config_model.load_state_dict(uniform_soup([first, last]))  # a soup of slim checkpoints loads as well
+    assert _same_state(config_model.backbone, _model(weights).backbone)  # frozen: the pretrained weights
+    theta0 = pretrained_state({**checkpoint, "state_dict": first})  # WiSE-FT's θ₀ from the restored snapshot
+    assert torch.equal(theta0["backbone.conv_stem.weight"], _model(weights).backbone.conv_stem.weight)
