@@ -188,6 +188,25 @@ def _read(path: str) -> str:
         return ""
 
 
+def write_selection(
+    out: Path, command: str, protocol: str, chosen: Any, scores: Any, trials: list[Any], start: float, **extra: Any
+) -> None:
+    """Write a hyper-parameter selection table (``select_lr``, ``select_few``): what was chosen on validation, every
+    trial, the wall time since ``start`` (``time.perf_counter``), the machine and the versions."""
+    table = {
+        "command": command,
+        "protocol": protocol,
+        "chosen": chosen,
+        "validation_scores": scores,
+        **extra,
+        "trials": trials,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "machine": machine_info(),
+        "versions": library_versions(),
+    }
+    out.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, OS and GPU, as reported by the machine."""
     cpuinfo = _read("/proc/cpuinfo")

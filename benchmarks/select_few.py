@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch.utils.data import Subset
 
 from benchmarks.accuracy import NUM_CLASSES, Cycled, datamodule, train_recipe
-from benchmarks.common import SETTINGS, library_versions, machine_info, quiet, weights_path
+from benchmarks.common import SETTINGS, quiet, weights_path, write_selection
 from benchmarks.recipes import FEW_TABLE, load_hparams
 from lt_finetune.data._common import stratified_split
 
@@ -105,21 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in RATE_ONLY:
         chosen[recipe] = dict(rate)
         scores[recipe] = trial(recipe, dict(rate))
-    table = {
-        "command": "python -m benchmarks.select_few" + (" --smoke" if args.smoke else ""),
-        "protocol": (
-            f"seed {SEED}'s {PER_CLASS}/class labelled images in two halves of {PER_CLASS // 2}/class; train on one "
-            f"(cycled to {settings.main_per_class}/class steps, {settings.epochs} epochs), score on the other, swap; "
-            f"a candidate replaces the kept one only when better by more than {TIE:g}; test split never used"
-        ),
-        "chosen": chosen,
-        "validation_scores": scores,
-        "trials": trials,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "machine": machine_info(),
-        "versions": library_versions(),
-    }
-    out.write_text(json.dumps(table, indent=1) + "\n")
+    protocol = (
+        f"seed {SEED}'s {PER_CLASS}/class labelled images in two halves of {PER_CLASS // 2}/class; train on one "
+        f"(cycled to {settings.main_per_class}/class steps, {settings.epochs} epochs), score on the other, swap; "
+        f"a candidate replaces the kept one only when better by more than {TIE:g}; test split never used"
+    )
+    command = "python -m benchmarks.select_few" + (" --smoke" if args.smoke else "")
+    write_selection(out, command, protocol, chosen, scores, trials, start)
     print(f"wrote {out}; chosen: {chosen}", file=sys.stderr)
 
 

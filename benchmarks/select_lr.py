@@ -13,14 +13,13 @@ Usage: ``python -m benchmarks.select_lr`` (writes ``benchmarks/lr_table.json``; 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import carve_validation, datamodule, train_recipe
-from benchmarks.common import SETTINGS, library_versions, machine_info, quiet, weights_path
+from benchmarks.common import SETTINGS, quiet, weights_path, write_selection
 from benchmarks.recipes import DEFAULT_HPARAMS, LR_TABLE, RECIPES
 
 #: key -> (recipe that evaluates it, candidates). ``backbone_finetuning`` reuses the chosen ``full`` lr.
@@ -79,22 +78,13 @@ def main(argv: list[str] | None = None) -> None:
             scores[name] = score(name, chosen[entry.hparams], entry.hparams)
     ours = {n: s for n, s in scores.items() if RECIPES[n].family == "lt_finetune"}
     best_ours = max(ours, key=lambda n: ours[n])
-    table = {
-        "command": "python -m benchmarks.select_lr" + (" --smoke" if args.smoke else ""),
-        "protocol": (
-            f"seed {SEED}: the {settings.main_per_class}/class training images split into "
-            f"{settings.main_per_class - VAL_PER_CLASS}/class train + {VAL_PER_CLASS}/class validation; "
-            f"{settings.epochs} epochs; validation accuracy after the last epoch; test split never used"
-        ),
-        "chosen": chosen,
-        "validation_scores": scores,
-        "pick": best_ours,
-        "trials": trials,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "machine": machine_info(),
-        "versions": library_versions(),
-    }
-    out.write_text(json.dumps(table, indent=1) + "\n")
+    protocol = (
+        f"seed {SEED}: the {settings.main_per_class}/class training images split into "
+        f"{settings.main_per_class - VAL_PER_CLASS}/class train + {VAL_PER_CLASS}/class validation; "
+        f"{settings.epochs} epochs; validation accuracy after the last epoch; test split never used"
+    )
+    command = "python -m benchmarks.select_lr" + (" --smoke" if args.smoke else "")
+    write_selection(out, command, protocol, chosen, scores, trials, start, pick=best_ours)
     print(f"wrote {out}; pick: {best_ours}", file=sys.stderr)
 
 
