@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from benchmarks.common import EpochEval, Settings, accuracy, make_trainer, scratch_dir, weights_path
-from benchmarks.recipes import FEW_TABLE, LR_TABLE, RECIPES, build, load_few_hparams, load_hparams
+from benchmarks.recipes import FEW_TABLE, LR_TABLE, RECIPES, build, load_hparams
 from lt_finetune.data._common import stratified_split
 from lt_finetune.data.animal_mnist import AnimalMNISTDataModule
 
@@ -200,8 +200,10 @@ def run_few_tuned(settings: Settings, log: Any = print) -> dict[str, Any]:
         raise FileNotFoundError(f"{FEW_TABLE.name} is missing: run `python -m benchmarks.select_few` first")
     table = json.loads(FEW_TABLE.read_text())
     names = list(settings.extra.get("few_tuned_recipes", table["chosen"]))
+    # The chosen entries, one per recipe, over the section-5 table (a recipe's own entry wins over its key's).
+    hparams = {**load_hparams(), **{name: dict(value) for name, value in table["chosen"].items()}}
     result = _run_one_size(
-        settings, settings.few_per_class, settings.main_per_class, names, log, load_few_hparams(), FEW_TABLE.name
+        settings, settings.few_per_class, settings.main_per_class, names, log, hparams, FEW_TABLE.name
     )
     return {**result, "selection": {k: table[k] for k in ("command", "protocol", "validation_scores", "trials")}}
 

@@ -108,15 +108,6 @@ def load_hparams() -> dict[str, dict[str, float]]:
     return table
 
 
-def load_few_hparams() -> dict[str, dict[str, float]]:
-    """:func:`load_hparams` with the recipes chosen at 10 labels per class (``few_lr_table.json``) on top."""
-    table = load_hparams()
-    if FEW_TABLE.is_file():
-        for name, value in json.loads(FEW_TABLE.read_text()).get("chosen", {}).items():
-            table[name] = dict(value)
-    return table
-
-
 def build(
     name: str,
     hparams: Mapping[str, Mapping[str, float]],
