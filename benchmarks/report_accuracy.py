@@ -76,9 +76,7 @@ def accuracy_section(result: dict[str, Any], goals: list[Goal], images: Path, pl
         f"![Data efficiency]({images.name}/data_efficiency.png)",
         "",
     ]
-    if data["skipped"]:
-        lines += ["Skipped recipes: " + ", ".join(f"`{k}` ({v})" for k, v in data["skipped"].items()) + ".", ""]
-    return lines
+    return lines + _skipped(data)
 
 
 def _acc_rows(runs: list[dict[str, Any]], per_class: int) -> dict[str, list[float]]:
@@ -224,6 +222,24 @@ def few_tuned_section(result: dict[str, Any], goals: list[Goal]) -> list[str]:
     return lines
 
 
+def _size_table(result: dict[str, Any], per_class: int) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """The run line and the recipe table of a one-size section (8-10), with each recipe's mean and ours."""
+    data, p = result["data"], result["data"]["protocol"]
+    lines = [meta_line(result), ""]
+    if p.get("limit_train_batches"):
+        lines += [f"**Smoke settings: {p['limit_train_batches']} batches per epoch; the numbers mean nothing.**", ""]
+    rows, acc = _recipe_table(data, per_class)
+    means = {n: mean_std(v)[0] for n, v in acc.items()}
+    ours = {n: m for n, m in means.items() if data["recipes"][n]["family"] == "lt_finetune"}
+    return lines + rows, means, ours
+
+
+def _skipped(data: dict[str, Any]) -> list[str]:
+    if not data["skipped"]:
+        return []
+    return ["Skipped recipes: " + ", ".join(f"`{k}` ({v})" for k, v in data["skipped"].items()) + ".", ""]
+
+
 def _few_section(result: dict[str, Any], goals: list[Goal], number: int, title: str, how: str, tried: str) -> list[str]:
     data = result["data"]
     p = data["protocol"]
@@ -235,15 +251,9 @@ def _few_section(result: dict[str, Any], goals: list[Goal], number: int, title: 
         f"steps of {p['steps_of_per_class']} per class ({p['epochs']} epochs), on the same 200-per-class test split. "
         f"{how} Mean ± sample std over {len(p['seeds'])} seed(s) {p['seeds']}.",
         "",
-        meta_line(result),
-        "",
     ]
-    if p.get("limit_train_batches"):
-        lines += [f"**Smoke settings: {p['limit_train_batches']} batches per epoch; the numbers mean nothing.**", ""]
-    rows, acc = _recipe_table(data, few)
+    rows, means, ours = _size_table(result, few)
     lines += rows
-    means = {n: mean_std(v)[0] for n, v in acc.items()}
-    ours = {n: m for n, m in means.items() if data["recipes"][n]["family"] == "lt_finetune"}
     if ours and "full" in means:
         best = max(ours, key=lambda n: ours[n])
         margin = ours[best] - means["full"]
@@ -266,9 +276,7 @@ def _few_section(result: dict[str, Any], goals: list[Goal], number: int, title: 
                 f"Goal not met. Tried the recipes of this run, {listed}, {tried}; nothing was tuned on the test split.",
                 "",
             ]
-    if data["skipped"]:
-        lines += ["Skipped recipes: " + ", ".join(f"`{k}` ({v})" for k, v in data["skipped"].items()) + ".", ""]
-    return lines
+    return lines + _skipped(data)
 
 
 def main_techniques_section(result: dict[str, Any], goals: list[Goal]) -> list[str]:
@@ -286,16 +294,10 @@ def main_techniques_section(result: dict[str, Any], goals: list[Goal]) -> list[s
         f"lengths as fractions of the run); nothing tuned on test. Mean ± sample std over {len(p['seeds'])} seed(s) "
         f"{p['seeds']}.",
         "",
-        meta_line(result),
-        "",
     ]
-    if p.get("limit_train_batches"):
-        lines += [f"**Smoke settings: {p['limit_train_batches']} batches per epoch; the numbers mean nothing.**", ""]
-    rows, acc = _recipe_table(data, size)
+    rows, means, ours = _size_table(result, size)
     lines += rows
-    means = {n: mean_std(v)[0] for n, v in acc.items()}
     recipes = data["recipes"]
-    ours = {n: m for n, m in means.items() if recipes[n]["family"] == "lt_finetune"}
     if ours:
         best = max(ours, key=lambda n: ours[n])
         rivals = {n: m for n, m in means.items() if n == "full" or recipes[n]["family"] == "anchor"}
@@ -315,6 +317,4 @@ def main_techniques_section(result: dict[str, Any], goals: list[Goal]) -> list[s
         if not (reached.met and ahead):
             listed = ", ".join(f"`{n}` ({m:.3f})" for n, m in sorted(ours.items(), key=lambda kv: -kv[1]))
             lines += [f"Goal not met. Tried {listed}; nothing was tuned on the test split.", ""]
-    if data["skipped"]:
-        lines += ["Skipped recipes: " + ", ".join(f"`{k}` ({v})" for k, v in data["skipped"].items()) + ".", ""]
-    return lines
+    return lines + _skipped(data)
