@@ -68,18 +68,17 @@ def _model_state(state: dict[str, Tensor], model_keys: set[str]) -> dict[str, Te
 def load_checkpoints(model: Module, paths: Sequence[str]) -> list[tuple[dict[str, Tensor], dict[str, Any]]]:
     """The model weights and the whole checkpoint of each path, complete: what a slim checkpoint
     (:class:`~lt_finetune.callbacks.SlimCheckpoint`) left out is filled back in, from ``model``'s own weights or the
-    weights file the checkpoint names, digests checked. ``model`` gets the LoRA adapters the first one needs.
+    weights file the checkpoint names, digests checked. ``model`` gets the LoRA adapters their weights need.
 
     Raises:
         ValueError: If a path is not a Lightning checkpoint, or a slim one's pretrained tensors cannot be matched.
         FileNotFoundError: If a slim checkpoint's weights file is gone and ``model`` does not hold those tensors.
     """
     loaded = []
-    for i, path in enumerate(paths):
+    for path in paths:
         _, checkpoint = load_state(path)
         restore_slim_checkpoint(model, checkpoint)  # before anything reads the weights, as load_from_checkpoint does
-        if i == 0:
-            restore_lora(model, checkpoint)  # the config's model gets the adapters the weights need
+        restore_lora(model, checkpoint)  # adds the adapters once; refuses a checkpoint of another layout
         loaded.append((dict(checkpoint["state_dict"]), checkpoint))
     return loaded
 
